@@ -1,0 +1,34 @@
+"""qat-lightning: quantization-aware training for PyTorch Lightning."""
+
+from qat_lightning.callbacks import QuantizationCallback
+from qat_lightning.data import DigitsDataModule
+from qat_lightning.models import ImageClassifier, SmallCNN
+from qat_lightning.nn import (
+    FakeQuantizedLayer,
+    LayerPlan,
+    apply_plan,
+    fake_quantized_layers,
+    is_prepared,
+    plan_quantization,
+    restore_float,
+)
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DigitsDataModule",
+    "FakeQuantizedLayer",
+    "FakeQuantizer",
+    "ImageClassifier",
+    "LayerPlan",
+    "QuantizationCallback",
+    "QuantizerConfig",
+    "SmallCNN",
+    "__version__",
+    "apply_plan",
+    "fake_quantized_layers",
+    "is_prepared",
+    "plan_quantization",
+    "restore_float",
+]

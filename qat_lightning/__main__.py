@@ -1,0 +1,3 @@
+from qat_lightning.cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""``QuantizationCallback``: FP32 warmup, then fake quantization, then frozen BatchNorm and observers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from qat_lightning.nn import (
+    LayerPlan,
+    apply_plan,
+    freeze_batchnorm_stats,
+    is_prepared,
+    plan_quantization,
+    set_observers_enabled,
+    unsupported_layers,
+)
+from qat_lightning.quant import check_bits
+
+# torchvision's QAT recipe: BN statistics frozen 3 epochs, observers 4 epochs after fake quant starts.
+BN_FREEZE_DELAY_EPOCHS = 3
+OBSERVER_FREEZE_DELAY_EPOCHS = 4
+_QUANTIZER_KEY_SUFFIX = ".weight_quantizer.scale"
+
+
+def _check_count(value: object, name: str, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        allowed = "a non-negative integer" + (" or None" if optional else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+class _Event:
+    """A phase change scheduled at an epoch or at an optimizer step (at most one of them)."""
+
+    def __init__(self, name: str, epoch: int | None, step: int | None) -> None:
+        if epoch is not None and step is not None:
+            raise ValueError(f"Give `{name}_epoch` or `{name}_step`, not both.")
+        self.epoch, self.step = epoch, step
+
+    def due(self, epoch: int, step: int) -> bool:
+        if self.epoch is not None:
+            return epoch >= self.epoch
+        return self.step is not None and step >= self.step
+
+    def __repr__(self) -> str:
+        if self.epoch is not None:
+            return f"epoch {self.epoch}"
+        return "never" if self.step is None else f"step {self.step}"
+
+
+class QuantizationCallback(Callback):
+    r"""Quantization-aware training for any LightningModule, in one line.
+
+    Phases (each change is logged):
+
+    1. FP32 warmup for ``warmup_epochs`` epochs (or ``warmup_steps`` optimizer steps).
+    2. Fake quantization is inserted into every ``Conv1d/2d/3d`` and ``Linear`` layer, in place: weights on a
+       per-channel symmetric ``bits``-bit grid, layer inputs on a per-tensor asymmetric
+       ``activation_bits``-bit grid, with straight-through gradients. Parameters stay the same objects, so the
+       optimizer and its state carry on. The model's ``forward`` is not touched.
+    3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
+    4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
+
+    Set a freeze epoch beyond ``max_epochs`` to never freeze. Schedules may be given in optimizer steps
+    instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
+    freeze happens only when its step is given.
+
+    Args:
+        bits: weight bit width, 2..16.
+        activation_bits: bit width of layer inputs (``None``: same as ``bits``; ``0``: keep them float).
+        warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
+        freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
+        freeze_observers_epoch: epoch at which observers are frozen (``None``: warmup + 4).
+        warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
+            ``warmup_steps``, when given, replaces ``warmup_epochs``.
+        exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
+        monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=20, callbacks=[QuantizationCallback(bits=4)])
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        activation_bits: int | None = None,
+        warmup_epochs: int = 1,
+        freeze_bn_epoch: int | None = None,
+        freeze_observers_epoch: int | None = None,
+        warmup_steps: int | None = None,
+        freeze_bn_step: int | None = None,
+        freeze_observers_step: int | None = None,
+        exclude: Sequence[str] = (),
+        monitor: str = "val/acc",
+    ) -> None:
+        self.bits = check_bits(bits)
+        if activation_bits is not None and activation_bits != 0:
+            check_bits(activation_bits, "activation_bits")
+        self.activation_bits = activation_bits
+        for name, value in {
+            "warmup_epochs": warmup_epochs,
+            "freeze_bn_epoch": freeze_bn_epoch,
+            "freeze_observers_epoch": freeze_observers_epoch,
+            "warmup_steps": warmup_steps,
+            "freeze_bn_step": freeze_bn_step,
+            "freeze_observers_step": freeze_observers_step,
+        }.items():
+            _check_count(value, name, optional=name != "warmup_epochs")
+        if warmup_steps is None:
+            if freeze_bn_epoch is None and freeze_bn_step is None:
+                freeze_bn_epoch = warmup_epochs + BN_FREEZE_DELAY_EPOCHS
+            if freeze_observers_epoch is None and freeze_observers_step is None:
+                freeze_observers_epoch = warmup_epochs + OBSERVER_FREEZE_DELAY_EPOCHS
+            self._insert = _Event("warmup", warmup_epochs, None)
+            self._check_order(
+                "warmup_epochs",
+                warmup_epochs,
+                freeze_bn_epoch=freeze_bn_epoch,
+                freeze_observers_epoch=freeze_observers_epoch,
+            )
+        else:
+            self._insert = _Event("warmup", None, warmup_steps)
+            self._check_order(
+                "warmup_steps", warmup_steps, freeze_bn_step=freeze_bn_step, freeze_observers_step=freeze_observers_step
+            )
+        self._freeze_bn = _Event("freeze_bn", freeze_bn_epoch, freeze_bn_step)
+        self._freeze_observers = _Event("freeze_observers", freeze_observers_epoch, freeze_observers_step)
+        self.exclude = tuple(exclude)
+        self.monitor = monitor
+        self.plan: list[LayerPlan] = []
+        self.quantized = False
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self.fp32_score: float | None = None
+        self.quantized_score: float | None = None
+
+    @staticmethod
+    def _check_order(warmup_name: str, warmup: int, **freezes: int | None) -> None:
+        for name, value in freezes.items():
+            if value is not None and value < warmup:
+                raise ValueError(
+                    f"`{name}`={value} is earlier than `{warmup_name}`={warmup}: observers and BatchNorm can "
+                    f"only be frozen once fake quantization is in place; use a value >= {warmup}."
+                )
+
+    @property
+    def phase(self) -> str:
+        """``"fp32"``, ``"qat"``, ``"qat_bn_frozen"`` or ``"qat_frozen"`` (observers and BN frozen)."""
+        if not self.quantized:
+            return "fp32"
+        if self.observers_frozen:
+            return "qat_frozen"
+        return "qat_bn_frozen" if self.bn_frozen else "qat"
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.plan = plan_quantization(pl_module, self.bits, self.activation_bits, self.exclude)
+        if not self.plan:
+            raise ValueError(
+                f"QuantizationCallback found no layer to quantize in {type(pl_module).__name__}: it needs at "
+                "least one nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear"
+                + (f" not matched by `exclude`={list(self.exclude)}." if self.exclude else ".")
+            )
+        # Checkpoints saved during QAT hold quantizer state: rebuild that structure before they load.
+        pl_module.register_load_state_dict_pre_hook(self._prepare_for_state_dict)
+
+    def _prepare_for_state_dict(
+        self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        if not is_prepared(module) and any(k.endswith(_QUANTIZER_KEY_SUFFIX) for k in state_dict):
+            self._insert_fake_quant(module, reason="to load a checkpoint saved during QAT")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume the callback state says which phase we are in: make the model match it.
+        if self.quantized and not is_prepared(pl_module):
+            self._insert_fake_quant(pl_module, reason="to resume QAT")
+        if self.observers_frozen:
+            set_observers_enabled(pl_module, False)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._advance(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._advance(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self.quantized:
+            self.quantized_score = score
+        else:
+            self.fp32_score = score
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def fmt(score: float | None) -> str:
+            return "n/a" if score is None else f"{score:.4f}"
+
+        rank_zero_info(
+            f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
+            f"{self.bits}-bit QAT phase {fmt(self.quantized_score)} (last validation of each phase)"
+        )
+
+    # ------------------------------------------------------------------ phase changes
+
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if not self.quantized and self._insert.due(epoch, step):
+            self._insert_fake_quant(pl_module, reason=f"at {self._insert}")
+        if self.quantized and not self.bn_frozen and self._freeze_bn.due(epoch, step):
+            n = freeze_batchnorm_stats(pl_module)
+            self.bn_frozen = True
+            rank_zero_info(
+                f"QuantizationCallback: froze the running statistics of {n} BatchNorm layers at {self._freeze_bn}."
+            )
+        if self.quantized and not self.observers_frozen and self._freeze_observers.due(epoch, step):
+            set_observers_enabled(pl_module, False)
+            self.observers_frozen = True
+            rank_zero_info(f"QuantizationCallback: froze observers (scales fixed) at {self._freeze_observers}.")
+        if self.bn_frozen:  # Lightning puts the model back in train mode after validation
+            freeze_batchnorm_stats(pl_module)
+
+    def _insert_fake_quant(self, pl_module: torch.nn.Module, reason: str) -> None:
+        plan = self.plan or plan_quantization(pl_module, self.bits, self.activation_bits, self.exclude)
+        apply_plan(pl_module, plan)
+        self.quantized = True
+        if self.observers_frozen:
+            set_observers_enabled(pl_module, False)
+        act = self.bits if self.activation_bits is None else self.activation_bits
+        rank_zero_info(
+            f"QuantizationCallback: inserted fake quantization {reason}: {len(plan)} layers, "
+            f"weights {self.bits}-bit per-channel symmetric, "
+            + (f"inputs {act}-bit per-tensor asymmetric." if act else "inputs float.")
+        )
+        floats = unsupported_layers(pl_module)
+        if floats:
+            rank_zero_warn(
+                f"QuantizationCallback: these layers cannot be fake-quantized and stay float: {', '.join(floats)}."
+            )
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "quantized": self.quantized,
+            "bn_frozen": self.bn_frozen,
+            "observers_frozen": self.observers_frozen,
+            "fp32_score": self.fp32_score,
+            "quantized_score": self.quantized_score,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("bits", self.bits) != self.bits:
+            rank_zero_warn(
+                f"QuantizationCallback: the checkpoint was trained at bits={state_dict['bits']} but the callback "
+                f"has bits={self.bits}; the checkpoint's quantizers are kept as saved."
+            )
+        self.quantized = state_dict["quantized"]
+        self.bn_frozen = state_dict["bn_frozen"]
+        self.observers_frozen = state_dict["observers_frozen"]
+        self.fp32_score = state_dict.get("fp32_score")
+        self.quantized_score = state_dict.get("quantized_score")

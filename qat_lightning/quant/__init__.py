@@ -1,0 +1,30 @@
+"""The quantization math: pure functions, observers and the fake quantizer module."""
+
+from qat_lightning.quant.config import QuantizerConfig, activation_config, weight_config
+from qat_lightning.quant.fake_quantizer import FakeQuantizer
+from qat_lightning.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, build_observer
+from qat_lightning.quant.primitives import (
+    check_bits,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quant_range,
+    quantize,
+)
+
+__all__ = [
+    "FakeQuantizer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "QuantizerConfig",
+    "activation_config",
+    "build_observer",
+    "check_bits",
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quant_range",
+    "quantize",
+    "weight_config",
+]

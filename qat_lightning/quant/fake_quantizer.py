@@ -1,0 +1,74 @@
+"""``FakeQuantizer``: a thin module built from a ``QuantizerConfig`` (observer + fused fake-quant kernel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat_lightning.quant.config import QuantizerConfig
+from qat_lightning.quant.observers import build_observer
+from qat_lightning.quant.primitives import fake_quantize, quantize
+
+
+class FakeQuantizer(nn.Module):
+    """Rounds a tensor to the grid of ``config`` in floating point, with a straight-through gradient.
+
+    In training mode with ``observer_enabled``, each call first updates the observer and refreshes the
+    ``scale``/``zero_point`` buffers; otherwise the stored parameters are used as they are (frozen
+    observers cost nothing). Before the first observation the quantizer passes tensors through unchanged.
+
+    Args:
+        config: bits, scheme, granularity and observer.
+        num_channels: channels along ``config.channel_axis`` for a per-channel quantizer.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, config: QuantizerConfig, num_channels: int = 1) -> None:
+        super().__init__()
+        self.config = config
+        self.observer = build_observer(config, num_channels)
+        shape = (num_channels,) if config.per_channel else ()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        self._calibrated = False
+
+    @property
+    def axis(self) -> int | None:
+        """Channel axis of the quantized tensor, or ``None`` per tensor."""
+        return self.config.channel_axis if self.config.per_channel else None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the quantizer has observed data (or loaded observed state from a checkpoint)."""
+        return self._calibrated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.observer_enabled:
+            self.observer(x)
+            scale, zero_point = self.observer.qparams()
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+            self._calibrated = True
+        if not (self.fake_quant_enabled and self._calibrated):
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (int32, shape of ``x``) with the current scale and zero point."""
+        return quantize(x, self.scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        initialized = state_dict.get(prefix + "observer.initialized")
+        if initialized is not None:
+            self._calibrated = bool(initialized)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        scheme = "symmetric" if c.symmetric else "asymmetric"
+        granularity = "per_channel" if c.per_channel else "per_tensor"
+        return f"bits={c.bits}, {scheme}, {granularity}, observer={c.observer}"
