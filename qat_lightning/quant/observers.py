@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
-from qat_lightning.quant.primitives import choose_qparams
+from qat_lightning.quant.primitives import choose_qparams, fake_quantize
 
 
 def _aminmax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,62 @@ class MovingAverageMinMaxObserver(Observer):
         return torch.lerp(self.min_val, cur_min, c), torch.lerp(self.max_val, cur_max, c)
 
 
+class MSEObserver(MinMaxObserver):
+    """Running min/max, clipped to the range that minimises the mean squared quantization error.
+
+    Keeps a bounded, deterministic sample of the observed values (every k-th element of each batch, at most
+    ``max_samples`` per channel, newest kept) and, when asked for parameters, tries ``num_candidates``
+    clipping ratios in [``min_ratio``, 1] of the running range, per channel. Meant for calibration (PTQ):
+    the search costs a few passes over the sample.
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        num_channels: int = 1,
+        max_samples: int = 65536,
+        num_candidates: int = 50,
+        min_ratio: float = 0.2,
+    ) -> None:
+        super().__init__(config, num_channels)
+        self.max_samples = max_samples
+        self.ratios = torch.linspace(min_ratio, 1.0, num_candidates).tolist()
+        self._sample: torch.Tensor | None = None  # (channels, n) values; not part of the state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        super().forward(x)
+        if self.config.per_channel:
+            values = x.detach().transpose(0, self.config.channel_axis).flatten(1)
+        else:
+            values = x.detach().reshape(1, -1)
+        step = max(1, values.shape[1] // 4096)
+        values = values[:, ::step].float()
+        merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
+        self._sample = merged[:, -self.max_samples :]
+        return x
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._sample is None:
+            return super().qparams()
+        bits, symmetric = self.config.bits, self.config.symmetric
+        sample = self._sample
+        best_err = torch.full((sample.shape[0],), float("inf"), device=sample.device)
+        best_scale, best_zp = super().qparams()
+        best_scale, best_zp = best_scale.clone().reshape(-1), best_zp.clone().reshape(-1)
+        for ratio in self.ratios:
+            scale, zp = choose_qparams(
+                self.min_val.reshape(-1) * ratio, self.max_val.reshape(-1) * ratio, bits, symmetric
+            )
+            err = (fake_quantize(sample, scale, zp, bits, symmetric, axis=0) - sample).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zp = torch.where(better, zp, best_zp)
+        shape = self.min_val.shape
+        return best_scale.reshape(shape), best_zp.reshape(shape)
+
+
 def build_observer(config: QuantizerConfig, num_channels: int = 1) -> Observer:
     """The observer named by ``config.observer``."""
-    cls = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}[config.observer]
-    return cls(config, num_channels)
+    classes = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver, "mse": MSEObserver}
+    return classes[config.observer](config, num_channels)
