@@ -40,8 +40,18 @@ def _check_count(value: object, name: str, optional: bool = True) -> None:
 
 
 @torch.no_grad()
-def _accuracy(dataloader: Any, forward: Any) -> float | None:
-    """Share of ``(input, target)`` batches' targets equal to ``forward(batch, idx)`` (class predictions)."""
+def _accuracy(module: torch.nn.Module, dataloader: Any, forward: Any) -> float | None:
+    """Share of ``(input, target)`` batches' targets equal to ``forward(batch, idx)`` (class predictions),
+    with ``module`` in eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        return _count_correct(dataloader, forward)
+    finally:
+        module.train(was_training)
+
+
+def _count_correct(dataloader: Any, forward: Any) -> float | None:
     correct = total = 0
     for batch_idx, batch in enumerate(dataloader):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -315,7 +325,7 @@ class QuantizationCallback(Callback):
         self.observers_frozen = self.bn_frozen = True
         rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
         if trainer.val_dataloaders is not None:
-            self.quantized_score = _accuracy(trainer.val_dataloaders, forward)
+            self.quantized_score = _accuracy(pl_module, trainer.val_dataloaders, forward)
 
     def _insert_fake_quant(self, pl_module: torch.nn.Module, reason: str) -> None:
         plan = self.plan or plan_quantization(pl_module, self.bits, **self._plan_options)
