@@ -1,5 +1,7 @@
 """qat-lightning: quantization-aware training for PyTorch Lightning."""
 
+from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
+from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks import QuantizationCallback
 from qat_lightning.data import DigitsDataModule
 from qat_lightning.models import ImageClassifier, SmallCNN
@@ -20,6 +22,7 @@ __all__ = [
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
+    "LayerSensitivity",
     "ImageClassifier",
     "LayerPlan",
     "QuantizationCallback",
@@ -27,8 +30,11 @@ __all__ = [
     "SmallCNN",
     "__version__",
     "apply_plan",
+    "calibrate",
     "fake_quantized_layers",
+    "format_sensitivity",
     "is_prepared",
+    "layer_sensitivity",
     "plan_quantization",
     "restore_float",
 ]
