@@ -19,6 +19,7 @@ from qat_lightning.nn import (
     freeze_batchnorm_stats,
     is_prepared,
     plan_quantization,
+    quantizers,
     set_observers_enabled,
     unsupported_layers,
 )
@@ -200,6 +201,7 @@ class QuantizationCallback(Callback):
         self.quantized = False
         self.bn_frozen = False
         self.observers_frozen = False
+        self._skipped_reported = 0
         self.fp32_score: float | None = None
         self.quantized_score: float | None = None
 
@@ -258,6 +260,16 @@ class QuantizationCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._advance(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skipped = sum(int(q.observer.skipped) for q in quantizers(pl_module))
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"QuantizationCallback: {skipped - self._skipped_reported} observations of batches with NaN/Inf "
+                f"values were skipped by the observers in epoch {trainer.current_epoch} (ranges and scales keep "
+                "their last finite values); check the data or the loss scale."
+            )
+            self._skipped_reported = skipped
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:

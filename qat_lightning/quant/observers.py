@@ -2,16 +2,31 @@
 
 Observers only record statistics; they never change the tensor. Their state lives in buffers (``min_val``,
 ``max_val``: shape ``()`` per tensor or ``(C,)`` per channel) so it is saved in checkpoints. Updates run on
-the tensor's device with no host synchronisation.
+the tensor's device with no host synchronisation. A batch whose range is not finite (NaN/Inf) is skipped and
+counted in ``skipped``. Under ``torch.distributed`` each batch's range is all-reduced first, so every process
+holds the same statistics.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
 from qat_lightning.quant.primitives import choose_qparams, fake_quantize
+
+
+def _global_range(cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max over every process of the default group (non-finite local values are ignored)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return cur_min, cur_max
+    inf = torch.tensor(float("inf"), device=cur_min.device)
+    packed = torch.stack(
+        [torch.where(torch.isfinite(cur_min), -cur_min, -inf), torch.where(torch.isfinite(cur_max), cur_max, -inf)]
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return -packed[0], packed[1]
 
 
 def _aminmax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +48,7 @@ class Observer(nn.Module):
     min_val: torch.Tensor
     max_val: torch.Tensor
     initialized: torch.Tensor
+    skipped: torch.Tensor
 
     def __init__(self, config: QuantizerConfig, num_channels: int = 1) -> None:
         super().__init__()
@@ -41,15 +57,18 @@ class Observer(nn.Module):
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("skipped", torch.tensor(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record the range of ``x`` and return ``x`` unchanged."""
         axis = self.config.channel_axis if self.config.per_channel else None
-        cur_min, cur_max = _aminmax(x, axis)
+        cur_min, cur_max = _global_range(*_aminmax(x, axis))
+        finite = torch.isfinite(cur_min).all() & torch.isfinite(cur_max).all()
         new_min, new_max = self._combine(cur_min, cur_max)
-        self.min_val.copy_(torch.where(self.initialized, new_min, cur_min))
-        self.max_val.copy_(torch.where(self.initialized, new_max, cur_max))
-        self.initialized.fill_(True)
+        self.min_val.copy_(torch.where(finite, torch.where(self.initialized, new_min, cur_min), self.min_val))
+        self.max_val.copy_(torch.where(finite, torch.where(self.initialized, new_max, cur_max), self.max_val))
+        self.initialized.logical_or_(finite)
+        self.skipped.add_((~finite).long())
         return x
 
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +122,8 @@ class MSEObserver(MinMaxObserver):
             values = x.detach().transpose(0, self.config.channel_axis).flatten(1)
         else:
             values = x.detach().reshape(1, -1)
+        if not bool(torch.isfinite(values).all()):  # calibration only: a host sync is fine here
+            return x
         step = max(1, values.shape[1] // 4096)
         values = values[:, ::step].float()
         merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
