@@ -19,6 +19,7 @@ from qat_lightning.nn import (
     freeze_batchnorm_stats,
     is_prepared,
     plan_quantization,
+    prepare_for_state_dict,
     quantizers,
     set_observers_enabled,
     unsupported_layers,
@@ -29,7 +30,6 @@ from qat_lightning.quant.config import ObserverName
 # torchvision's QAT recipe: BN statistics frozen 3 epochs, observers 4 epochs after fake quant starts.
 BN_FREEZE_DELAY_EPOCHS = 3
 OBSERVER_FREEZE_DELAY_EPOCHS = 4
-_QUANTIZER_KEY_SUFFIX = ".weight_quantizer.scale"
 
 
 def _check_count(value: object, name: str, optional: bool = True) -> None:
@@ -243,8 +243,9 @@ class QuantizationCallback(Callback):
     def _prepare_for_state_dict(
         self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
     ) -> None:
-        if not is_prepared(module) and any(k.endswith(_QUANTIZER_KEY_SUFFIX) for k in state_dict):
-            self._insert_fake_quant(module, reason="to load a checkpoint saved during QAT")
+        if prepare_for_state_dict(module, state_dict, prefix):
+            self.quantized = True
+            rank_zero_info("QuantizationCallback: rebuilt fake quantization to load a checkpoint saved during QAT.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the callback state says which phase we are in: make the model match it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -107,6 +108,53 @@ def plan_quantization(
             )
         )
     return plan
+
+
+_EXTRA_STATE = "._extra_state"
+
+
+def plan_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> list[LayerPlan]:
+    """The plan a state dict was saved with, read from its quantizers' extra state (empty if none).
+
+    Layer names are relative to ``prefix``; ``layer_type`` is not stored and is left empty.
+    """
+    suffix = ".weight_quantizer" + _EXTRA_STATE
+    plan = []
+    for key, extra in state_dict.items():
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix) : -len(suffix)]
+        activation = state_dict.get(f"{prefix}{name}.input_quantizer{_EXTRA_STATE}")
+        plan.append(
+            LayerPlan(
+                name=name,
+                layer_type="",
+                weight=QuantizerConfig(**extra["config"]),
+                activation=QuantizerConfig(**activation["config"]) if activation else None,
+            )
+        )
+    return plan
+
+
+def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> bool:
+    """Rebuild the fake-quant structure a state dict was saved with, so that it loads into ``model``.
+
+    Call it before ``model.load_state_dict(state_dict)`` (e.g. from ``LightningModule.on_load_checkpoint``).
+    Does nothing if ``model`` is already prepared or the state dict holds no quantizers; returns whether
+    it prepared the model.
+    """
+    plan = plan_from_state_dict(state_dict, prefix)
+    if not plan or is_prepared(model):
+        return False
+    modules = dict(model.named_modules())
+    missing = [p.name for p in plan if p.name not in modules]
+    if missing:
+        raise ValueError(
+            f"The state dict quantizes layers this model does not have: {missing}; load it into the model "
+            "architecture it was trained with."
+        )
+    apply_plan(model, plan)
+    return True
 
 
 def format_plan(plan: Sequence[LayerPlan]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,6 +90,23 @@ class FakeQuantizer(nn.Module):
         """Integer codes of ``x`` (int32, shape of ``x``) with the current scale and zero point."""
         scale = self.scale.detach().clamp(min=EPS)
         return quantize(x, scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Config and switches, saved with the buffers so a checkpoint describes its own quantizers."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "observer_enabled": self.observer_enabled,
+            "fake_quant_enabled": self.fake_quant_enabled,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if QuantizerConfig(**state["config"]) != self.config:
+            raise ValueError(
+                f"The checkpoint's quantizer config {state['config']} differs from this quantizer's "
+                f"{dataclasses.asdict(self.config)}; rebuild the model with `prepare_for_state_dict`."
+            )
+        self.observer_enabled = state["observer_enabled"]
+        self.fake_quant_enabled = state["fake_quant_enabled"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
