@@ -162,6 +162,8 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_prepared(pl_module):  # validate/test after fit: the plan was already applied
+            return
         self.plan = plan_quantization(pl_module, self.bits, self.activation_bits, self.exclude)
         if not self.plan:
             raise ValueError(
