@@ -76,7 +76,7 @@ class QuantizationCallback(Callback):
         activation_bits: bit width of layer inputs (``None``: same as ``bits``; ``0``: keep them float).
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
         freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
-        freeze_observers_epoch: epoch at which observers are frozen (``None``: warmup + 4).
+        freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
@@ -148,6 +148,11 @@ class QuantizationCallback(Callback):
                 raise ValueError(
                     f"`{name}`={value} is earlier than `{warmup_name}`={warmup}: observers and BatchNorm can "
                     f"only be frozen once fake quantization is in place; use a value >= {warmup}."
+                )
+            if name.startswith("freeze_observers") and value == warmup:
+                raise ValueError(
+                    f"`{name}`={value} equals `{warmup_name}`={warmup}: observers frozen as fake quantization starts "
+                    f"never set the scales, so the model would train in float; use a value >= {warmup + 1}."
                 )
 
     @property
