@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from qat_lightning.quant import check_bits, choose_qparams, dequantize, fake_quantize, quant_range, quantize
 
 BITS = (2, 3, 4, 8, 16)
 SCHEMES = (True, False)  # symmetric, asymmetric
+LARGE = float(np.float32(1e36))  # far beyond any real range, yet max - min stays finite in float32
 
 
 def _qparams(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None = None):
@@ -113,6 +117,33 @@ def test_per_channel_uses_one_scale_per_channel():
 def test_edge_cases_match_numpy(values, bits, symmetric, np_ref):
     _, fq = _check_all(values, bits, symmetric, np_ref)
     assert torch.isfinite(fq).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=arrays(
+        np.float32,
+        st.integers(1, 40),
+        elements=st.floats(-LARGE, LARGE, width=32, allow_nan=False, allow_infinity=False),
+    ),
+    bits=st.integers(2, 16),
+    symmetric=st.booleans(),
+    shrink=st.sampled_from([1.0, 0.5, 1e-3]),
+)
+def test_any_finite_tensor_matches_numpy(values, bits, symmetric, shrink, np_ref):
+    """Property: for any finite float32 tensor (subnormals and 1e36 included) and any bit width."""
+    x = torch.from_numpy(values)
+    lo, hi = np.float32(values.min() * shrink), np.float32(values.max() * shrink)
+    scale, zero_point = choose_qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
+    ref_scale, ref_zero_point = np_ref.choose_qparams(lo, hi, bits, symmetric)
+    assert scale.item() == ref_scale and zero_point.item() == ref_zero_point
+    q = quantize(x, scale, zero_point, bits, symmetric)
+    np.testing.assert_array_equal(q.numpy(), np_ref.quantize(values, ref_scale, ref_zero_point, bits, symmetric))
+    dq = dequantize(q, scale, zero_point)
+    np.testing.assert_array_equal(dq.numpy(), np_ref.dequantize(q.numpy(), ref_scale, ref_zero_point))
+    assert torch.isfinite(dq).all()
+    fq = fake_quantize(x, scale, zero_point, bits, symmetric)
+    np_ref.assert_fake_quant_equal(fq.numpy(), values, ref_scale, ref_zero_point, bits, symmetric)
 
 
 @pytest.mark.parametrize("symmetric", SCHEMES)
