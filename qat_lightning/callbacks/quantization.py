@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qat_lightning.calibration import calibrate
-from qat_lightning.callbacks.optimizers import add_new_parameters_to_optimizers
+from qat_lightning.callbacks.optimizers import give_parameters_own_group
 from qat_lightning.nn import (
     LayerPlan,
     apply_plan,
@@ -107,7 +107,7 @@ class QuantizationCallback(Callback):
         activation_bits: bit width of layer inputs (``None``: same as ``bits``; ``0``: keep them float).
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
         freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
-        freeze_observers_epoch: epoch at which observers are frozen (``None``: warmup + 4).
+        freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
@@ -213,6 +213,11 @@ class QuantizationCallback(Callback):
                     f"`{name}`={value} is earlier than `{warmup_name}`={warmup}: observers and BatchNorm can "
                     f"only be frozen once fake quantization is in place; use a value >= {warmup}."
                 )
+            if name.startswith("freeze_observers") and value == warmup:
+                raise ValueError(
+                    f"`{name}`={value} equals `{warmup_name}`={warmup}: observers frozen as fake quantization starts "
+                    f"never set the scales, so the model would train in float; use a value >= {warmup + 1}."
+                )
 
     @property
     def phase(self) -> str:
@@ -226,7 +231,7 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.plan:
+        if is_prepared(pl_module):  # validate/test after fit: the plan was already applied
             return
         self.plan = plan_quantization(pl_module, self.bits, **self._plan_options)
         if not self.plan:
@@ -246,6 +251,12 @@ class QuantizationCallback(Callback):
         if prepare_for_state_dict(module, state_dict, prefix):
             self.quantized = True
             rank_zero_info("QuantizationCallback: rebuilt fake quantization to load a checkpoint saved during QAT.")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming: the model was prepared before `configure_optimizers`, so the learned scales sit in the
+        # first group; give them their own group, as in the original run, before the optimizer state loads.
+        if is_prepared(pl_module):
+            self._group_learned_scales(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the callback state says which phase we are in: make the model match it.
@@ -346,11 +357,19 @@ class QuantizationCallback(Callback):
         self.quantized = True
         if self.observers_frozen:
             set_observers_enabled(pl_module, False)
-        rank_zero_info(f"QuantizationCallback: inserted fake quantization {reason} into {len(plan)} layers.")
+        rank_zero_info(
+            f"QuantizationCallback: inserted fake quantization {reason} into {len(plan)} layers "
+            f"({self.bits}-bit unless the plan says otherwise)."
+        )
         trainer = getattr(pl_module, "_trainer", None)
         if trainer is not None:
-            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            add_new_parameters_to_optimizers(trainer.optimizers, schedulers, pl_module)
+            self._group_learned_scales(trainer, pl_module)
+
+    @staticmethod
+    def _group_learned_scales(trainer: pl.Trainer, pl_module: torch.nn.Module) -> None:
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        scales = [p for q in quantizers(pl_module) for p in q.parameters(recurse=False) if p.requires_grad]
+        give_parameters_own_group(trainer.optimizers, schedulers, scales)
         floats = unsupported_layers(pl_module)
         if floats:
             rank_zero_warn(

@@ -1,0 +1,111 @@
+"""The LightningCLI entry point with the shipped configs, shortened through command-line overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qat_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHORT = [
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI also looks at ``sys.argv``; leave it only the program name, as a console script would."""
+    monkeypatch.setattr(sys, "argv", ["qat-lightning"])
+
+
+def _checkpoint(root: Path) -> dict:
+    (path,) = root.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    return torch.load(path, weights_only=False)
+
+
+def test_qat_config_short_run(tmp_path):
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_qat4.yaml"),
+            "--trainer.max_epochs=2",
+            "--trainer.callbacks.init_args.warmup_epochs=1",  # edits the config's (only) callback
+            f"--trainer.default_root_dir={tmp_path}",
+            *SHORT,
+        ]
+    )
+    checkpoint = _checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 1
+    state = checkpoint["state_dict"]
+    for layer in ("backbone.features.0", "backbone.features.4", "backbone.classifier"):
+        assert state[f"{layer}.weight_quantizer.scale"].numel() > 1  # per-channel weight scales
+        assert bool(state[f"{layer}.weight_quantizer.observer.initialized"])
+        assert f"{layer}.input_quantizer.zero_point" in state
+    (callback_state,) = (v for k, v in checkpoint["callbacks"].items() if "QuantizationCallback" in k)
+    assert callback_state["quantized"] and callback_state["bits"] == 4
+    assert callback_state["fp32_score"] is not None and callback_state["quantized_score"] is not None
+
+    saved = yaml.safe_load((tmp_path / "lightning_logs/version_0/config.yaml").read_text())
+    (callback,) = saved["trainer"]["callbacks"]
+    assert callback["class_path"] == "qat_lightning.QuantizationCallback"
+    assert callback["init_args"]["warmup_epochs"] == 1 and callback["init_args"]["bits"] == 4
+    assert saved["trainer"]["max_epochs"] == 2
+
+
+def test_fp32_config_parses_and_trains_without_quantization(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "digits_fp32.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "qat_lightning.ImageClassifier"
+    assert config["model"]["init_args"]["backbone"]["class_path"] == "qat_lightning.SmallCNN"
+    assert config["data"]["class_path"] == "qat_lightning.DigitsDataModule"
+    assert not config["trainer"]["callbacks"]
+    assert config["trainer"]["max_epochs"] == 30
+
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_fp32.yaml"),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            *SHORT,
+        ]
+    )
+    checkpoint = _checkpoint(tmp_path)
+    assert "backbone.classifier.weight" in checkpoint["state_dict"]
+    assert not any("quantizer" in key for key in checkpoint["state_dict"])
+
+
+def test_bad_bits_on_the_command_line_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"`bits` must be an integer in 2\.\.16, got 1"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "digits_qat4.yaml"),
+                "--trainer.callbacks.init_args.bits=1",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+
+
+def test_python_dash_m_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "qat_lightning", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout
