@@ -1,0 +1,184 @@
+"""Train-step time of our QAT against float and the stock QAT paths, measured side by side in one run.
+
+A step is forward, cross-entropy backward and an SGD-momentum update on one fixed batch. Paths:
+
+- ``fp32``: the float model, eager.
+- ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b)`` builds them
+  (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits).
+- ``ours_4bit_observed``: 4 bits with observed (moving-average) ranges instead of LSQ.
+- ``ours_8bit_lsq``: 8 bits with LSQ scales.
+- ``ours_4bit_frozen``: ``ours_4bit_observed`` after the observers are frozen (the last QAT epochs).
+- ``fx``: stock ``torch.ao`` FX ``prepare_qat_fx`` with the x86 default QAT qconfig (8 bit; deprecated).
+- ``pt2e``: torchao ``prepare_qat_pt2e`` with the X86 inductor quantizer on ``torch.export`` (when installed).
+- ``brevitas``: Brevitas layers at 4 bits (digits CNN only, when installed: the ``bench`` extra).
+
+Paths are run round-robin after a warm-up and the median of each is reported; the ratios divide by the float
+median of the same run. Peak memory (RSS growth of a fresh forked process running 3 steps of one path) is
+reported too. The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning import SmallCNN
+from qat_lightning.models import resnet20
+from qat_lightning.nn import apply_plan, plan_quantization, set_observers_enabled
+
+Step = Callable[[], None]
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def ours(model: nn.Module, x: torch.Tensor, bits: int, learned_scale: bool | None, frozen: bool = False) -> nn.Module:
+    model = copy.deepcopy(model)
+    apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=learned_scale))
+    model.train()
+    with torch.no_grad():
+        model(x)  # calibrate (and initialise LSQ scales) before the optimizer is built
+    if frozen:
+        set_observers_enabled(model, False)
+    return model
+
+
+def fx_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def pt2e_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from qat_lightning.convert.int8 import split_reused_module_calls
+
+    exported = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
+    split_reused_module_calls(exported.graph)  # torchao's quantizer fails on a module called twice otherwise
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    return prepare_qat_pt2e(exported, quantizer)
+
+
+def brevitas_cnn(bits: int) -> nn.Module:
+    import brevitas.nn as qnn
+
+    return nn.Sequential(
+        qnn.QuantIdentity(bit_width=8),
+        qnn.QuantConv2d(1, 16, 3, padding=1, bias=False, weight_bit_width=8),
+        nn.BatchNorm2d(16),
+        qnn.QuantReLU(bit_width=bits),
+        nn.MaxPool2d(2),
+        qnn.QuantConv2d(16, 32, 3, padding=1, bias=False, weight_bit_width=bits),
+        nn.BatchNorm2d(32),
+        qnn.QuantReLU(bit_width=8),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        qnn.QuantLinear(128, 10, bias=True, weight_bit_width=8),
+    )
+
+
+def build_paths(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
+    paths = {
+        "fp32": copy.deepcopy(model),
+        "ours_4bit": ours(model, x, 4, None),
+        "ours_4bit_observed": ours(model, x, 4, False),
+        "ours_4bit_frozen": ours(model, x, 4, False, frozen=True),
+        "ours_8bit": ours(model, x, 8, None),
+        "ours_8bit_lsq": ours(model, x, 8, True),
+        "fx": fx_qat(model, x),
+    }
+    if importlib.util.find_spec("torchao") is not None:
+        paths["pt2e"] = pt2e_qat(model, x)
+    if name == "cnn" and importlib.util.find_spec("brevitas") is not None:
+        paths["brevitas"] = brevitas_cnn(4)
+    return paths
+
+
+def peak_memory_mb(step: Step) -> float:
+    """RSS growth (MiB) of a forked child process that runs 3 steps."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(3):
+            step()
+        os.write(write, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    return int(os.read(read, 64) or 0) / 1024
+
+
+def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
+    steps = {name: train_step(model, x, y) for name, model in paths.items()}
+    for step in steps.values():  # warm-up
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per path (median reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    setups = {
+        "resnet20": (resnet20(num_classes=10), torch.randn(64, 3, 32, 32)),
+        "cnn": (SmallCNN(), torch.randn(64, 1, 8, 8)),
+    }
+    summary: dict[str, float] = {}
+    for name, (model, x) in setups.items():
+        y = torch.randint(0, 10, (x.shape[0],))
+        paths = build_paths(name, model.train(), x)
+        medians = measure(paths, x, y, args.rounds)
+        steps = {path: train_step(m, x, y) for path, m in paths.items()}
+        print(f"\n{name}, batch {x.shape[0]}, {args.threads} threads, median of {args.rounds} interleaved steps")
+        print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}")
+        for path, seconds in medians.items():
+            ratio = seconds / medians["fp32"]
+            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(steps[path]):>10.1f}")
+            summary[f"{name}_{path}_ratio"] = round(ratio, 3)
+    best_stock = min(summary[k] for k in ("resnet20_fx_ratio", "resnet20_pt2e_ratio") if k in summary)
+    result = {
+        "ratio_ours_vs_fp32": summary["resnet20_ours_4bit_ratio"],
+        "ratio_ours_frozen_vs_fp32": summary["resnet20_ours_4bit_frozen_ratio"],
+        "ratio_fx_vs_fp32": summary["resnet20_fx_ratio"],
+        "ratio_pt2e_vs_fp32": summary.get("resnet20_pt2e_ratio"),
+        "ours_below_best_stock": summary["resnet20_ours_4bit_ratio"] < best_stock,
+        **summary,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
