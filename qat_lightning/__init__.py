@@ -1,8 +1,24 @@
 """qat-lightning: quantization-aware training for PyTorch Lightning."""
 
 from qat_lightning.callbacks import QuantizationCallback
-from qat_lightning.data import DigitsDataModule
-from qat_lightning.models import ImageClassifier, SmallCNN
+from qat_lightning.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+)
+from qat_lightning.models import (
+    CifarResNet,
+    ImageClassifier,
+    LeNet5,
+    SmallCNN,
+    load_weights,
+    mobilenet_v2,
+    resnet18,
+    resnet20,
+    resnet_cifar,
+)
 from qat_lightning.nn import (
     FakeQuantizedLayer,
     LayerPlan,
@@ -17,11 +33,17 @@ from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR10DataModule",
+    "CifarResNet",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
+    "FashionMNISTDataModule",
     "ImageClassifier",
+    "ImageFolderDataModule",
     "LayerPlan",
+    "LeNet5",
+    "MNISTDataModule",
     "QuantizationCallback",
     "QuantizerConfig",
     "SmallCNN",
@@ -29,6 +51,11 @@ __all__ = [
     "apply_plan",
     "fake_quantized_layers",
     "is_prepared",
+    "load_weights",
+    "mobilenet_v2",
     "plan_quantization",
+    "resnet18",
+    "resnet20",
+    "resnet_cifar",
     "restore_float",
 ]
