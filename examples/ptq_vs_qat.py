@@ -1,9 +1,11 @@
 """Post-training quantization (PTQ) against quantization-aware training (QAT), per bit width.
 
 1. Train the small CNN in float on scikit-learn's bundled 8x8 digits.
-2. PTQ: fake-quantize a copy of it (``plan_quantization`` + ``apply_plan``), calibrate the quantizers on a few
-   training batches (observers only: BatchNorm keeps its statistics, no gradient), evaluate.
+2. PTQ: fake-quantize a copy of it (``plan_quantization`` + ``apply_plan``), ``calibrate`` its quantizers on a
+   few training batches (observers only: BatchNorm keeps its statistics, no gradient), evaluate.
 3. QAT: fine-tune another copy with ``QuantizationCallback(bits, warmup_epochs=0)``, evaluate.
+
+Both keep the first and last layer at 8 bits (the callback's default) and quantize the others at ``bits``.
 
 Prints a table of test accuracy (float, PTQ, QAT) for each bit width and, last, one JSON line.
 
@@ -23,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN
-from qat_lightning.nn import apply_plan, plan_quantization, quantizers
+from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, calibrate
+from qat_lightning.nn import apply_plan, plan_quantization
 
 
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
@@ -36,17 +38,11 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def post_training_quantize(model: nn.Module, bits: int, loader: DataLoader, batches: int) -> nn.Module:
-    """A fake-quantized copy of ``model`` whose quantizers observed ``batches`` batches of ``loader``."""
+    """A fake-quantized copy of ``model`` whose quantizers observed ``batches`` batches of ``loader``, with the
+    settings of the callback's PTQ mode (MSE-searched activation ranges)."""
     quantized = copy.deepcopy(model)
-    apply_plan(quantized, plan_quantization(quantized, bits))
-    quantized.eval()  # BatchNorm uses its running statistics and leaves them alone ...
-    for quantizer in quantizers(quantized):
-        quantizer.train()  # ... while the observers record ranges
-    with torch.no_grad():
-        for i, (x, _) in enumerate(loader):
-            if i == batches:
-                break
-            quantized(x)
+    apply_plan(quantized, plan_quantization(quantized, bits, first_last_bits=8, activation_observer="mse"))
+    calibrate(quantized, loader, forward=lambda batch, _: quantized(batch[0]), num_batches=batches)
     return quantized.eval()
 
 

@@ -1,5 +1,7 @@
 """qat-lightning: quantization-aware training for PyTorch Lightning."""
 
+from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
+from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks import QuantizationCallback
 from qat_lightning.data import (
     CIFAR10DataModule,
@@ -42,6 +44,7 @@ __all__ = [
     "ImageClassifier",
     "ImageFolderDataModule",
     "LayerPlan",
+    "LayerSensitivity",
     "LeNet5",
     "MNISTDataModule",
     "QuantizationCallback",
@@ -49,8 +52,11 @@ __all__ = [
     "SmallCNN",
     "__version__",
     "apply_plan",
+    "calibrate",
     "fake_quantized_layers",
+    "format_sensitivity",
     "is_prepared",
+    "layer_sensitivity",
     "load_weights",
     "mobilenet_v2",
     "plan_quantization",

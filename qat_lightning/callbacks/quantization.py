@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from qat_lightning.calibration import calibrate
+from qat_lightning.callbacks.optimizers import add_new_parameters_to_optimizers
 from qat_lightning.nn import (
     LayerPlan,
     apply_plan,
+    format_plan,
     freeze_batchnorm_stats,
     is_prepared,
     plan_quantization,
+    prepare_for_state_dict,
+    quantizers,
     set_observers_enabled,
     unsupported_layers,
 )
 from qat_lightning.quant import check_bits
+from qat_lightning.quant.config import ObserverName
 
 # torchvision's QAT recipe: BN statistics frozen 3 epochs, observers 4 epochs after fake quant starts.
 BN_FREEZE_DELAY_EPOCHS = 3
 OBSERVER_FREEZE_DELAY_EPOCHS = 4
-_QUANTIZER_KEY_SUFFIX = ".weight_quantizer.scale"
 
 
 def _check_count(value: object, name: str, optional: bool = True) -> None:
@@ -33,6 +38,32 @@ def _check_count(value: object, name: str, optional: bool = True) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         allowed = "a non-negative integer" + (" or None" if optional else "")
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+@torch.no_grad()
+def _accuracy(module: torch.nn.Module, dataloader: Any, forward: Any) -> float | None:
+    """Share of ``(input, target)`` batches' targets equal to ``forward(batch, idx)`` (class predictions),
+    with ``module`` in eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        return _count_correct(dataloader, forward)
+    finally:
+        module.train(was_training)
+
+
+def _count_correct(dataloader: Any, forward: Any) -> float | None:
+    correct = total = 0
+    for batch_idx, batch in enumerate(dataloader):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return None
+        predictions = forward(batch, batch_idx)
+        target = batch[1].to(predictions.device)
+        if predictions.shape != target.shape:
+            return None
+        correct += int((predictions == target).sum())
+        total += target.numel()
+    return correct / total if total else None
 
 
 class _Event:
@@ -80,6 +111,19 @@ class QuantizationCallback(Callback):
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
+        first_last_bits: bits of the first and last quantizable layer, weights and inputs (8, the common
+            practice of low-bit papers; ``None``: like the other layers).
+        layer_bits: ``{glob pattern: bits}`` overrides by layer name, e.g. ``{"features.0": 8, "classifier.*": 8}``.
+        learned_scale: LSQ learned step sizes (``True``), observed ranges (``False``), or LSQ for quantizers at
+            4 bits or fewer (``None``, the default).
+        per_channel_weights: one weight scale per output channel (default) or per tensor.
+        activation_observer: ``"moving_average"``, ``"minmax"`` or ``"mse"`` (``None``: moving average for
+            QAT, MSE-searched clipping for PTQ).
+        mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
+            end calibrate observers on ``calibration_batches`` training batches (no gradient, BatchNorm in
+            eval mode) and freeze them: the baseline QAT is compared against. Calibration runs the module's
+            ``predict_step(batch, batch_idx)``.
+        calibration_batches: batches observed in PTQ mode.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
 
     Example::
@@ -98,12 +142,23 @@ class QuantizationCallback(Callback):
         freeze_bn_step: int | None = None,
         freeze_observers_step: int | None = None,
         exclude: Sequence[str] = (),
+        first_last_bits: int | None = 8,
+        layer_bits: dict[str, int] | None = None,
+        learned_scale: bool | None = None,
+        per_channel_weights: bool = True,
+        activation_observer: ObserverName | None = None,
+        mode: Literal["qat", "ptq"] = "qat",
+        calibration_batches: int = 10,
         monitor: str = "val/acc",
     ) -> None:
+        if mode not in ("qat", "ptq"):
+            raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
+        _check_count(calibration_batches, "calibration_batches", optional=False)
+        self.mode = mode
+        self.calibration_batches = calibration_batches
         self.bits = check_bits(bits)
         if activation_bits is not None and activation_bits != 0:
             check_bits(activation_bits, "activation_bits")
-        self.activation_bits = activation_bits
         for name, value in {
             "warmup_epochs": warmup_epochs,
             "freeze_bn_epoch": freeze_bn_epoch,
@@ -132,12 +187,21 @@ class QuantizationCallback(Callback):
             )
         self._freeze_bn = _Event("freeze_bn", freeze_bn_epoch, freeze_bn_step)
         self._freeze_observers = _Event("freeze_observers", freeze_observers_epoch, freeze_observers_step)
-        self.exclude = tuple(exclude)
+        self._plan_options: dict[str, Any] = {
+            "activation_bits": activation_bits,
+            "exclude": tuple(exclude),
+            "first_last_bits": first_last_bits,
+            "layer_bits": dict(layer_bits or {}),
+            "learned_scale": False if mode == "ptq" else learned_scale,
+            "per_channel_weights": per_channel_weights,
+            "activation_observer": activation_observer or ("mse" if mode == "ptq" else "moving_average"),
+        }
         self.monitor = monitor
         self.plan: list[LayerPlan] = []
         self.quantized = False
         self.bn_frozen = False
         self.observers_frozen = False
+        self._skipped_reported = 0
         self.fp32_score: float | None = None
         self.quantized_score: float | None = None
 
@@ -162,21 +226,26 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.plan = plan_quantization(pl_module, self.bits, self.activation_bits, self.exclude)
+        if self.plan:
+            return
+        self.plan = plan_quantization(pl_module, self.bits, **self._plan_options)
         if not self.plan:
+            exclude = self._plan_options["exclude"]
             raise ValueError(
                 f"QuantizationCallback found no layer to quantize in {type(pl_module).__name__}: it needs at "
                 "least one nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear"
-                + (f" not matched by `exclude`={list(self.exclude)}." if self.exclude else ".")
+                + (f" not matched by `exclude`={list(exclude)}." if exclude else ".")
             )
+        rank_zero_info(f"QuantizationCallback plan ({self.mode}):\n{format_plan(self.plan)}")
         # Checkpoints saved during QAT hold quantizer state: rebuild that structure before they load.
         pl_module.register_load_state_dict_pre_hook(self._prepare_for_state_dict)
 
     def _prepare_for_state_dict(
         self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
     ) -> None:
-        if not is_prepared(module) and any(k.endswith(_QUANTIZER_KEY_SUFFIX) for k in state_dict):
-            self._insert_fake_quant(module, reason="to load a checkpoint saved during QAT")
+        if prepare_for_state_dict(module, state_dict, prefix):
+            self.quantized = True
+            rank_zero_info("QuantizationCallback: rebuilt fake quantization to load a checkpoint saved during QAT.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the callback state says which phase we are in: make the model match it.
@@ -193,6 +262,16 @@ class QuantizationCallback(Callback):
     ) -> None:
         self._advance(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skipped = sum(int(q.observer.skipped) for q in quantizers(pl_module))
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"QuantizationCallback: {skipped - self._skipped_reported} observations of batches with NaN/Inf "
+                f"values were skipped by the observers in epoch {trainer.current_epoch} (ranges and scales keep "
+                "their last finite values); check the data or the loss scale."
+            )
+            self._skipped_reported = skipped
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
@@ -206,6 +285,13 @@ class QuantizationCallback(Callback):
         def fmt(score: float | None) -> str:
             return "n/a" if score is None else f"{score:.4f}"
 
+        if self.mode == "ptq":
+            rank_zero_info(
+                f"QuantizationCallback summary: {self.monitor} FP32 {fmt(self.fp32_score)} (last validation); "
+                f"{self.bits}-bit PTQ validation accuracy {fmt(self.quantized_score)} (predict_step argmax vs "
+                "targets; run trainer.validate/test for every metric)"
+            )
+            return
         rank_zero_info(
             f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
             f"{self.bits}-bit QAT phase {fmt(self.quantized_score)} (last validation of each phase)"
@@ -214,6 +300,8 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ phase changes
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "ptq":
+            return
         epoch, step = trainer.current_epoch, trainer.global_step
         if not self.quantized and self._insert.due(epoch, step):
             self._insert_fake_quant(pl_module, reason=f"at {self._insert}")
@@ -230,18 +318,39 @@ class QuantizationCallback(Callback):
         if self.bn_frozen:  # Lightning puts the model back in train mode after validation
             freeze_batchnorm_stats(pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode != "ptq" or self.quantized:
+            return
+        self._insert_fake_quant(pl_module, reason="after FP32 training (PTQ)")
+        dataloader = trainer.train_dataloader
+
+        def forward(batch: Any, batch_idx: int) -> Any:
+            try:
+                return pl_module.predict_step(trainer.strategy.batch_to_device(batch), batch_idx)
+            except Exception as err:
+                raise RuntimeError(
+                    f"PTQ calibration runs `{type(pl_module).__name__}.predict_step(batch, batch_idx)` on training "
+                    "batches and it failed; implement `predict_step` so that it runs the model on your batch "
+                    "format (e.g. `return self(batch[0])` for `(input, target)` batches)."
+                ) from err
+
+        seen = calibrate(pl_module, dataloader, forward, self.calibration_batches)
+        self.observers_frozen = self.bn_frozen = True
+        rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
+        if trainer.val_dataloaders is not None:
+            self.quantized_score = _accuracy(pl_module, trainer.val_dataloaders, forward)
+
     def _insert_fake_quant(self, pl_module: torch.nn.Module, reason: str) -> None:
-        plan = self.plan or plan_quantization(pl_module, self.bits, self.activation_bits, self.exclude)
+        plan = self.plan or plan_quantization(pl_module, self.bits, **self._plan_options)
         apply_plan(pl_module, plan)
         self.quantized = True
         if self.observers_frozen:
             set_observers_enabled(pl_module, False)
-        act = self.bits if self.activation_bits is None else self.activation_bits
-        rank_zero_info(
-            f"QuantizationCallback: inserted fake quantization {reason}: {len(plan)} layers, "
-            f"weights {self.bits}-bit per-channel symmetric, "
-            + (f"inputs {act}-bit per-tensor asymmetric." if act else "inputs float.")
-        )
+        rank_zero_info(f"QuantizationCallback: inserted fake quantization {reason} into {len(plan)} layers.")
+        trainer = getattr(pl_module, "_trainer", None)
+        if trainer is not None:
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            add_new_parameters_to_optimizers(trainer.optimizers, schedulers, pl_module)
         floats = unsupported_layers(pl_module)
         if floats:
             rank_zero_warn(

@@ -7,9 +7,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+
+from qat_lightning.nn import prepare_for_state_dict
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -38,6 +41,10 @@ class ImageClassifier(pl.LightningModule):
 
     Logs ``train/loss``, ``val/loss``, ``val/acc``, ``val/precision``, ``val/recall``, ``val/f1`` (and
     ``test/...``); precision, recall and F1 are macro averages over classes.
+
+    Checkpoints saved during QAT load with ``ImageClassifier.load_from_checkpoint(path)``: the fake-quant
+    structure is rebuilt from the checkpoint first. Models built by the CLI store the backbone's config and
+    load with the path alone; models built in Python pass ``backbone=`` again (it is not pickled).
     """
 
     def __init__(
@@ -52,7 +59,10 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer!r}.")
-        self.save_hyperparameters(ignore=["backbone"])
+        # The CLI hands over the backbone as a config (saved, so the checkpoint rebuilds it); a module built in
+        # Python is not pickled into the checkpoint's hyper-parameters.
+        from_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_config else ["backbone"])
         self.backbone = backbone
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -83,6 +93,9 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prepare_for_state_dict(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -14,7 +15,8 @@ from qat_lightning.nn.fake_quantized import (
     is_quantizable,
     restore_float_layer,
 )
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, weight_config
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, check_bits, weight_config
+from qat_lightning.quant.config import ObserverName
 
 _NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -33,28 +35,141 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _resolve_bits(
+    names: list[str], bits: int, first_last_bits: int | None, layer_bits: Mapping[str, int]
+) -> dict[str, int]:
+    """Bit width of each layer: ``bits``, then ``first_last_bits`` for the first and last, then overrides."""
+    resolved = dict.fromkeys(names, bits)
+    if first_last_bits is not None and names:
+        check_bits(first_last_bits, "first_last_bits")
+        resolved[names[0]] = resolved[names[-1]] = first_last_bits
+    for pattern, value in layer_bits.items():
+        check_bits(value, f"layer_bits[{pattern!r}]")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(
+                f"`layer_bits` pattern {pattern!r} matches no quantizable layer; layer names are: {shown}."
+            )
+        resolved.update(dict.fromkeys(matched, value))
+    return resolved
+
+
 def plan_quantization(
     model: nn.Module,
     bits: int,
     activation_bits: int | None = None,
     exclude: Sequence[str] = (),
+    *,
+    first_last_bits: int | None = None,
+    layer_bits: Mapping[str, int] | None = None,
+    learned_scale: bool | None = False,
+    per_channel_weights: bool = True,
+    weight_observer: ObserverName = "moving_average",
+    activation_observer: ObserverName = "moving_average",
 ) -> list[LayerPlan]:
     """One ``LayerPlan`` per quantizable layer of ``model`` not matched by an ``exclude`` glob pattern.
 
-    Weights get per-channel symmetric quantizers at ``bits``; inputs get per-tensor asymmetric quantizers at
-    ``activation_bits`` (``bits`` when ``None``; ``0`` leaves activations in float).
+    Args:
+        bits: weight bit width of every layer unless overridden.
+        activation_bits: input bit width (``None``: the layer's weight bits; ``0``: inputs stay float).
+        exclude: glob patterns of layer names that stay float.
+        first_last_bits: bit width of the first and the last quantizable layer (module definition order),
+            weights and inputs; ``None`` treats them like the others.
+        layer_bits: ``{glob pattern: bits}`` overrides (weights and inputs), applied last; a pattern that
+            matches no layer is an error.
+        learned_scale: LSQ scales for every quantizer (``True``), none (``False``), or those at 4 bits or
+            fewer (``None``).
+        per_channel_weights: one weight scale per output channel (else one per tensor).
+        weight_observer, activation_observer: observer names (see ``QuantizerConfig``).
+
+    Weights get symmetric quantizers, inputs per-tensor asymmetric ones.
     """
-    act_bits = bits if activation_bits is None else activation_bits
-    return [
-        LayerPlan(
-            name=name,
-            layer_type=type(module).__name__,
-            weight=weight_config(bits),
-            activation=activation_config(act_bits) if act_bits else None,
+    check_bits(bits)
+    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and not _matches(n, exclude)]
+    resolved = _resolve_bits([n for n, _ in layers], bits, first_last_bits, dict(layer_bits or {}))
+    overridden = {n for n, b in resolved.items() if b != bits}
+
+    def learned(b: int) -> bool:
+        return b <= 4 if learned_scale is None else learned_scale
+
+    plan = []
+    for name, module in layers:
+        w_bits = resolved[name]
+        a_bits = activation_bits if activation_bits is not None and name not in overridden else w_bits
+        plan.append(
+            LayerPlan(
+                name=name,
+                layer_type=type(module).__name__,
+                weight=weight_config(w_bits, learned(w_bits), per_channel_weights, weight_observer),
+                activation=activation_config(a_bits, learned(a_bits), activation_observer)
+                if a_bits and activation_bits != 0
+                else None,
+            )
         )
-        for name, module in model.named_modules()
-        if is_quantizable(module) and not _matches(name, exclude)
-    ]
+    return plan
+
+
+_EXTRA_STATE = "._extra_state"
+
+
+def plan_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> list[LayerPlan]:
+    """The plan a state dict was saved with, read from its quantizers' extra state (empty if none).
+
+    Layer names are relative to ``prefix``; ``layer_type`` is not stored and is left empty.
+    """
+    suffix = ".weight_quantizer" + _EXTRA_STATE
+    plan = []
+    for key, extra in state_dict.items():
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix) : -len(suffix)]
+        activation = state_dict.get(f"{prefix}{name}.input_quantizer{_EXTRA_STATE}")
+        plan.append(
+            LayerPlan(
+                name=name,
+                layer_type="",
+                weight=QuantizerConfig(**extra["config"]),
+                activation=QuantizerConfig(**activation["config"]) if activation else None,
+            )
+        )
+    return plan
+
+
+def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> bool:
+    """Rebuild the fake-quant structure a state dict was saved with, so that it loads into ``model``.
+
+    Call it before ``model.load_state_dict(state_dict)`` (e.g. from ``LightningModule.on_load_checkpoint``).
+    Does nothing if ``model`` is already prepared or the state dict holds no quantizers; returns whether
+    it prepared the model.
+    """
+    plan = plan_from_state_dict(state_dict, prefix)
+    if not plan or is_prepared(model):
+        return False
+    modules = dict(model.named_modules())
+    missing = [p.name for p in plan if p.name not in modules]
+    if missing:
+        raise ValueError(
+            f"The state dict quantizes layers this model does not have: {missing}; load it into the model "
+            "architecture it was trained with."
+        )
+    apply_plan(model, plan)
+    return True
+
+
+def format_plan(plan: Sequence[LayerPlan]) -> str:
+    """The plan as a fixed-width text table: layer, type, weight bits, activation bits, quantizer."""
+    rows = [("layer", "type", "w_bits", "a_bits", "quantizer")]
+    for p in plan:
+        quantizer = "lsq" if p.weight.learned_scale else p.weight.observer
+        if p.activation is not None and p.activation.learned_scale != p.weight.learned_scale:
+            quantizer += " / " + ("lsq" if p.activation.learned_scale else p.activation.observer)
+        a_bits = str(p.activation.bits) if p.activation else "float"
+        rows.append((p.name, p.layer_type, str(p.weight.bits), a_bits, quantizer))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:

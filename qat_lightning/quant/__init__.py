@@ -2,7 +2,13 @@
 
 from qat_lightning.quant.config import QuantizerConfig, activation_config, weight_config
 from qat_lightning.quant.fake_quantizer import FakeQuantizer
-from qat_lightning.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, build_observer
+from qat_lightning.quant.observers import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    Observer,
+    build_observer,
+)
 from qat_lightning.quant.primitives import (
     check_bits,
     choose_qparams,
@@ -15,6 +21,7 @@ from qat_lightning.quant.primitives import (
 __all__ = [
     "FakeQuantizer",
     "MinMaxObserver",
+    "MSEObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
     "QuantizerConfig",

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 import torch
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
 from qat_lightning.quant.observers import build_observer
-from qat_lightning.quant.primitives import fake_quantize, quantize
+from qat_lightning.quant.primitives import EPS, fake_quantize, quant_range, quantize
 
 
 class FakeQuantizer(nn.Module):
     """Rounds a tensor to the grid of ``config`` in floating point, with a straight-through gradient.
 
-    In training mode with ``observer_enabled``, each call first updates the observer and refreshes the
-    ``scale``/``zero_point`` buffers; otherwise the stored parameters are used as they are (frozen
-    observers cost nothing). Before the first observation the quantizer passes tensors through unchanged.
+    In training mode with ``observer_enabled``, each call first updates the observer and refreshes
+    ``scale``/``zero_point``; otherwise the stored parameters are used as they are (frozen observers cost
+    nothing). Before the first observation the quantizer passes tensors through unchanged.
+
+    With ``config.learned_scale`` (LSQ), ``scale`` is an ``nn.Parameter`` set from the observer on the first
+    training batch and then learned: its gradient is the LSQ gradient scaled by
+    ``1 / sqrt(elements_per_scale * qmax)`` (Esser et al., 2020), computed by PyTorch's fused learnable
+    fake-quant kernels. The zero point stays as observed.
 
     Args:
-        config: bits, scheme, granularity and observer.
+        config: bits, scheme, granularity, observer and whether the scale is learned.
         num_channels: channels along ``config.channel_axis`` for a per-channel quantizer.
     """
 
@@ -30,7 +39,10 @@ class FakeQuantizer(nn.Module):
         self.config = config
         self.observer = build_observer(config, num_channels)
         shape = (num_channels,) if config.per_channel else ()
-        self.register_buffer("scale", torch.ones(shape))
+        if config.learned_scale:
+            self.scale = nn.Parameter(torch.ones(shape))
+        else:
+            self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer_enabled = True
         self.fake_quant_enabled = True
@@ -47,19 +59,54 @@ class FakeQuantizer(nn.Module):
         return self._calibrated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.observer_enabled:
+        if self.training and self.observer_enabled and not (self.config.learned_scale and self._calibrated):
             self.observer(x)
             scale, zero_point = self.observer.qparams()
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+            with torch.no_grad():
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
             self._calibrated = True
         if not (self.fake_quant_enabled and self._calibrated):
             return x
+        if self.config.learned_scale:
+            return self._learned_fake_quantize(x)
         return fake_quantize(x, self.scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+
+    def _learned_fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = quant_range(self.config.bits, self.config.symmetric)
+        scale = self.scale.clamp(min=EPS)
+        zero_point = self.zero_point.float()
+        per_scale = x.numel() // max(scale.numel(), 1)
+        grad_factor = 1.0 / math.sqrt(per_scale * qmax)
+        if self.axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale.reshape(1), zero_point.reshape(1), qmin, qmax, grad_factor
+            )
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, scale, zero_point, self.axis % x.dim(), qmin, qmax, grad_factor
+        )
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (int32, shape of ``x``) with the current scale and zero point."""
-        return quantize(x, self.scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+        scale = self.scale.detach().clamp(min=EPS)
+        return quantize(x, scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Config and switches, saved with the buffers so a checkpoint describes its own quantizers."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "observer_enabled": self.observer_enabled,
+            "fake_quant_enabled": self.fake_quant_enabled,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if QuantizerConfig(**state["config"]) != self.config:
+            raise ValueError(
+                f"The checkpoint's quantizer config {state['config']} differs from this quantizer's "
+                f"{dataclasses.asdict(self.config)}; rebuild the model with `prepare_for_state_dict`."
+            )
+        self.observer_enabled = state["observer_enabled"]
+        self.fake_quant_enabled = state["fake_quant_enabled"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -71,4 +118,5 @@ class FakeQuantizer(nn.Module):
         c = self.config
         scheme = "symmetric" if c.symmetric else "asymmetric"
         granularity = "per_channel" if c.per_channel else "per_tensor"
-        return f"bits={c.bits}, {scheme}, {granularity}, observer={c.observer}"
+        scale = "learned (LSQ)" if c.learned_scale else "observed"
+        return f"bits={c.bits}, {scheme}, {granularity}, observer={c.observer}, scale={scale}"

@@ -2,16 +2,31 @@
 
 Observers only record statistics; they never change the tensor. Their state lives in buffers (``min_val``,
 ``max_val``: shape ``()`` per tensor or ``(C,)`` per channel) so it is saved in checkpoints. Updates run on
-the tensor's device with no host synchronisation.
+the tensor's device with no host synchronisation. A batch whose range is not finite (NaN/Inf) is skipped and
+counted in ``skipped``. Under ``torch.distributed`` each batch's range is all-reduced first, so every process
+holds the same statistics.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
-from qat_lightning.quant.primitives import choose_qparams
+from qat_lightning.quant.primitives import choose_qparams, fake_quantize
+
+
+def _global_range(cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max over every process of the default group (non-finite local values are ignored)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return cur_min, cur_max
+    inf = torch.tensor(float("inf"), device=cur_min.device)
+    packed = torch.stack(
+        [torch.where(torch.isfinite(cur_min), -cur_min, -inf), torch.where(torch.isfinite(cur_max), cur_max, -inf)]
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return -packed[0], packed[1]
 
 
 def _aminmax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +48,7 @@ class Observer(nn.Module):
     min_val: torch.Tensor
     max_val: torch.Tensor
     initialized: torch.Tensor
+    skipped: torch.Tensor
 
     def __init__(self, config: QuantizerConfig, num_channels: int = 1) -> None:
         super().__init__()
@@ -41,15 +57,18 @@ class Observer(nn.Module):
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("skipped", torch.tensor(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record the range of ``x`` and return ``x`` unchanged."""
         axis = self.config.channel_axis if self.config.per_channel else None
-        cur_min, cur_max = _aminmax(x, axis)
+        cur_min, cur_max = _global_range(*_aminmax(x, axis))
+        finite = torch.isfinite(cur_min).all() & torch.isfinite(cur_max).all()
         new_min, new_max = self._combine(cur_min, cur_max)
-        self.min_val.copy_(torch.where(self.initialized, new_min, cur_min))
-        self.max_val.copy_(torch.where(self.initialized, new_max, cur_max))
-        self.initialized.fill_(True)
+        self.min_val.copy_(torch.where(finite, torch.where(self.initialized, new_min, cur_min), self.min_val))
+        self.max_val.copy_(torch.where(finite, torch.where(self.initialized, new_max, cur_max), self.max_val))
+        self.initialized.logical_or_(finite)
+        self.skipped.add_((~finite).long())
         return x
 
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +94,64 @@ class MovingAverageMinMaxObserver(Observer):
         return torch.lerp(self.min_val, cur_min, c), torch.lerp(self.max_val, cur_max, c)
 
 
+class MSEObserver(MinMaxObserver):
+    """Running min/max, clipped to the range that minimises the mean squared quantization error.
+
+    Keeps a bounded, deterministic sample of the observed values (every k-th element of each batch, at most
+    ``max_samples`` per channel, newest kept) and, when asked for parameters, tries ``num_candidates``
+    clipping ratios in [``min_ratio``, 1] of the running range, per channel. Meant for calibration (PTQ):
+    the search costs a few passes over the sample.
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig,
+        num_channels: int = 1,
+        max_samples: int = 65536,
+        num_candidates: int = 50,
+        min_ratio: float = 0.2,
+    ) -> None:
+        super().__init__(config, num_channels)
+        self.max_samples = max_samples
+        self.ratios = torch.linspace(min_ratio, 1.0, num_candidates).tolist()
+        self._sample: torch.Tensor | None = None  # (channels, n) values; not part of the state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        super().forward(x)
+        if self.config.per_channel:
+            values = x.detach().transpose(0, self.config.channel_axis).flatten(1)
+        else:
+            values = x.detach().reshape(1, -1)
+        if not bool(torch.isfinite(values).all()):  # calibration only: a host sync is fine here
+            return x
+        step = max(1, values.shape[1] // 4096)
+        values = values[:, ::step].float()
+        merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
+        self._sample = merged[:, -self.max_samples :]
+        return x
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._sample is None:
+            return super().qparams()
+        bits, symmetric = self.config.bits, self.config.symmetric
+        sample = self._sample
+        best_err = torch.full((sample.shape[0],), float("inf"), device=sample.device)
+        best_scale, best_zp = super().qparams()
+        best_scale, best_zp = best_scale.clone().reshape(-1), best_zp.clone().reshape(-1)
+        for ratio in self.ratios:
+            scale, zp = choose_qparams(
+                self.min_val.reshape(-1) * ratio, self.max_val.reshape(-1) * ratio, bits, symmetric
+            )
+            err = (fake_quantize(sample, scale, zp, bits, symmetric, axis=0) - sample).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zp = torch.where(better, zp, best_zp)
+        shape = self.min_val.shape
+        return best_scale.reshape(shape), best_zp.reshape(shape)
+
+
 def build_observer(config: QuantizerConfig, num_channels: int = 1) -> Observer:
     """The observer named by ``config.observer``."""
-    cls = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}[config.observer]
-    return cls(config, num_channels)
+    classes = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver, "mse": MSEObserver}
+    return classes[config.observer](config, num_channels)

@@ -1,0 +1,57 @@
+"""NaN/Inf batches must not poison observer ranges or scales."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from qat_lightning import ImageClassifier, QuantizationCallback, SmallCNN
+from qat_lightning.nn import fake_quantized_layers
+from qat_lightning.quant import FakeQuantizer, MinMaxObserver, MovingAverageMinMaxObserver, QuantizerConfig
+
+
+@pytest.mark.parametrize("observer_cls", [MinMaxObserver, MovingAverageMinMaxObserver])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_batch_is_skipped_and_counted(observer_cls, bad):
+    observer = observer_cls(QuantizerConfig(bits=8, averaging_constant=0.5))
+    observer(torch.tensor([-1.0, 2.0]))
+    observer(torch.tensor([bad, 5.0]))
+    assert (observer.min_val.item(), observer.max_val.item()) == (-1.0, 2.0)
+    assert observer.skipped.item() == 1
+    observer(torch.tensor([-3.0, 4.0]))
+    expected = (-3.0, 4.0) if observer_cls is MinMaxObserver else (-2.0, 3.0)
+    assert (observer.min_val.item(), observer.max_val.item()) == expected
+
+
+def test_non_finite_first_batch_leaves_observer_uninitialised():
+    q = FakeQuantizer(QuantizerConfig(bits=4, per_channel=True, symmetric=True), 2)
+    q.train()
+    q(torch.tensor([[float("nan"), 1.0], [2.0, 3.0]]))
+    assert not q.observer.initialized
+    q(torch.tensor([[-1.0, 1.0], [2.0, 3.0]]))
+    assert q.observer.min_val.tolist() == [-1.0, 2.0]
+    assert torch.isfinite(q.scale).all()
+
+
+def test_training_with_a_nan_batch_keeps_scales_finite_and_warns(tmp_path):
+    pl.seed_everything(0)
+    x = torch.randn(96, 1, 8, 8)
+    y = torch.randint(0, 10, (96,))
+    x[40, 0, 0, 0] = float("nan")  # lands in the second batch of the second epoch (no shuffling)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = ImageClassifier(SmallCNN())
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[QuantizationCallback(bits=4, warmup_epochs=1)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match=r"observations of batches with NaN/Inf values were skipped"):
+        trainer.fit(model, loader)
+    first = dict(fake_quantized_layers(model))["backbone.features.0"]
+    assert first.input_quantizer.observer.skipped.item() == 1
+    for _, layer in fake_quantized_layers(model):
+        for q in (layer.weight_quantizer, layer.input_quantizer):
+            assert torch.isfinite(q.scale).all() and torch.isfinite(q.observer.min_val).all()
