@@ -1,7 +1,8 @@
 """Quantization-aware training from plain Python: your own LightningModule plus ``QuantizationCallback(bits=4)``.
 
-The model trains in float for ``--warmup-epochs`` epochs, then with 4-bit fake quantization of every conv and
-linear layer (weights and inputs); no change to the model's code. Data: scikit-learn's bundled 8x8 digits.
+The model trains in float for ``--warmup-epochs`` epochs, then with fake quantization of every conv and linear
+layer (weights and inputs: 4 bits, the first and last layer 8 bits by default); no change to the model's code.
+Data: scikit-learn's bundled 8x8 digits.
 
     python examples/plain_python.py            # 12 epochs, about a minute on a CPU
     python examples/plain_python.py --fast     # smoke test: a few batches per epoch
