@@ -3,8 +3,24 @@
 from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
 from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks import QuantizationCallback
-from qat_lightning.data import DigitsDataModule
-from qat_lightning.models import ImageClassifier, SmallCNN
+from qat_lightning.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+)
+from qat_lightning.models import (
+    CifarResNet,
+    ImageClassifier,
+    LeNet5,
+    SmallCNN,
+    load_weights,
+    mobilenet_v2,
+    resnet18,
+    resnet20,
+    resnet_cifar,
+)
 from qat_lightning.nn import (
     FakeQuantizedLayer,
     LayerPlan,
@@ -19,12 +35,18 @@ from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR10DataModule",
+    "CifarResNet",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
-    "LayerSensitivity",
+    "FashionMNISTDataModule",
     "ImageClassifier",
+    "ImageFolderDataModule",
     "LayerPlan",
+    "LayerSensitivity",
+    "LeNet5",
+    "MNISTDataModule",
     "QuantizationCallback",
     "QuantizerConfig",
     "SmallCNN",
@@ -35,6 +57,11 @@ __all__ = [
     "format_sensitivity",
     "is_prepared",
     "layer_sensitivity",
+    "load_weights",
+    "mobilenet_v2",
     "plan_quantization",
+    "resnet18",
+    "resnet20",
+    "resnet_cifar",
     "restore_float",
 ]

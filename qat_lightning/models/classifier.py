@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,13 +29,15 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy training of ``backbone`` with AdamW and a cosine learning-rate schedule.
+    """Cross-entropy training of ``backbone`` with AdamW (or SGD) and a cosine learning-rate schedule.
 
     Args:
         backbone: module mapping ``(N, C, H, W)`` images to ``(N, num_classes)`` logits.
         num_classes: number of classes.
-        lr: peak learning rate of AdamW.
-        weight_decay: AdamW weight decay.
+        lr: peak learning rate, decayed to 0 over the run by a per-step cosine schedule.
+        weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
+        optimizer: ``"adamw"``, or ``"sgd"`` (with ``momentum``; the usual recipe of CIFAR ResNets).
+        momentum: SGD momentum (ignored by AdamW).
 
     Logs ``train/loss``, ``val/loss``, ``val/acc``, ``val/precision``, ``val/recall``, ``val/f1`` (and
     ``test/...``); precision, recall and F1 are macro averages over classes.
@@ -45,8 +47,18 @@ class ImageClassifier(pl.LightningModule):
     load with the path alone; models built in Python pass ``backbone=`` again (it is not pickled).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int = 10, lr: float = 3e-3, weight_decay: float = 1e-4):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+    ):
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer!r}.")
         # The CLI hands over the backbone as a config (saved, so the checkpoint rebuilds it); a module built in
         # Python is not pickled into the checkpoint's hyper-parameters.
         from_config = _given_hyperparameters.get() is not None
@@ -86,7 +98,11 @@ class ImageClassifier(pl.LightningModule):
         prepare_for_state_dict(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

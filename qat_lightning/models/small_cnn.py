@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
 
 class SmallCNN(nn.Module):
@@ -14,6 +15,8 @@ class SmallCNN(nn.Module):
         num_classes: number of output logits.
         input_size: height (= width) of the input images in pixels; must be divisible by 4.
         channels: output channels of the two conv blocks.
+        weight_norm: reparametrize the weight of every conv and linear layer as ``g * v / ||v||`` per output
+            channel (``torch.nn.utils.parametrizations.weight_norm``), as in the weight-normalization write-up.
 
     Shapes: input ``(N, in_channels, input_size, input_size)``, output ``(N, num_classes)`` logits.
     """
@@ -24,6 +27,7 @@ class SmallCNN(nn.Module):
         num_classes: int = 10,
         input_size: int = 8,
         channels: tuple[int, int] = (16, 32),
+        weight_norm: bool = False,
     ) -> None:
         super().__init__()
         if input_size % 4:
@@ -40,6 +44,9 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(c2 * (input_size // 4) ** 2, num_classes)
+        if weight_norm:
+            for layer in [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+                apply_weight_norm(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
