@@ -23,6 +23,13 @@ from qat_lightning.nn.prepare import (
     set_observers_enabled,
     unsupported_layers,
 )
+from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
+from qat_lightning.nn.weight_norm import (
+    apply_weight_norm,
+    fold_weight_norm_state_dict,
+    is_weight_normalized,
+    remove_weight_norm,
+)
 
 __all__ = [
     "QUANTIZABLE_TYPES",
@@ -33,14 +40,20 @@ __all__ = [
     "FakeQuantizedLinear",
     "LayerPlan",
     "apply_plan",
+    "apply_weight_norm",
     "fake_quantize_layer",
     "fake_quantized_layers",
+    "float_snapshot",
+    "fold_weight_norm_state_dict",
     "freeze_batchnorm_stats",
     "is_prepared",
     "is_quantizable",
+    "is_weight_normalized",
     "plan_quantization",
+    "quantized_snapshot",
     "quantizers",
     "restore_float",
+    "remove_weight_norm",
     "restore_float_layer",
     "set_observers_enabled",
     "unsupported_layers",
