@@ -10,7 +10,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 class TensorBoardWriter:
-    """The ``experiment`` of the trainer's first ``TensorBoardLogger``; warns once (per owner) when there is none.
+    """The ``experiment`` of the trainer's first ``TensorBoardLogger``, or ``None``.
+
+    Warns once (per owner) when the trainer has loggers but none for TensorBoard; with ``logger=False`` nothing
+    is logged anyway and it stays silent.
 
     Args:
         owner: name used in the warning, e.g. the callback's class name.
@@ -26,7 +29,7 @@ class TensorBoardWriter:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment
-        if not self._warned:
+        if trainer.loggers and not self._warned:
             self._warned = True
             rank_zero_warn(
                 f"{self.owner}: no TensorBoardLogger among the trainer's loggers, so {self.what} are not logged; "

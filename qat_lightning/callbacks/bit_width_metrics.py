@@ -60,6 +60,11 @@ class BitWidthMetrics(Callback):
         calibration_batches: training batches per epoch whose inputs calibrate activation ranges.
         table_name: file stem and TensorBoard tag of the fit-end table.
 
+    Attributes:
+        results: ``{bits: {metric: value}}`` of the last validation epoch (``None``: float).
+        table: the fit-end :class:`~qat_lightning.report.MetricTable`.
+        snapshots: ``{bits: model copy}`` evaluated during the current validation epoch (emptied at its end).
+
     Cost: each validation batch runs ``len(eval_bits) + 1`` extra forward passes, and each validation epoch
     holds as many copies of the model.
 
@@ -87,7 +92,7 @@ class BitWidthMetrics(Callback):
         self.results: dict[int | None, dict[str, float]] = {}
         self.table: MetricTable | None = None
         self._calibration_inputs: list[Any] = []
-        self._snapshots: dict[int | None, nn.Module] = {}
+        self.snapshots: dict[int | None, nn.Module] = {}  # the copies evaluated this validation epoch, by bits
         self._metrics: dict[int | None, MetricCollection] = {}
         self._writer = TensorBoardWriter(type(self).__name__, "the bit-width table text and plot")
         self._warned_uncalibrated = False
@@ -135,11 +140,11 @@ class BitWidthMetrics(Callback):
             self._calibration_inputs.append(apply_to_collection(inputs, torch.Tensor, lambda t: t.detach().clone()))
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._snapshots, self._metrics = {}, {}
+        self.snapshots, self._metrics = {}, {}
         if trainer.sanity_checking:
             return
         with isolate_rng():
-            self._snapshots = self._take_snapshots(pl_module)
+            self.snapshots = self._take_snapshots(pl_module)
 
     def on_validation_batch_end(
         self,
@@ -150,11 +155,11 @@ class BitWidthMetrics(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._snapshots or dataloader_idx != 0:
+        if not self.snapshots or dataloader_idx != 0:
             return
         inputs, targets = self.unpack_batch(batch)
         with isolate_rng():
-            for bits, snapshot in self._snapshots.items():
+            for bits, snapshot in self.snapshots.items():
                 logits = self.predict(snapshot, inputs)
                 if bits not in self._metrics:
                     metrics = classification_metrics(logits.shape[-1], prefix=f"{self.prefix(bits)}/")
@@ -162,7 +167,7 @@ class BitWidthMetrics(Callback):
                 self._metrics[bits].update(logits, targets)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._snapshots = {}
+        self.snapshots = {}
         if not self._metrics:
             return
         progress_bar_key = f"{self.prefix(self.train_bits)}/acc"

@@ -12,7 +12,7 @@ from torch import nn
 from qat_lightning.callbacks._tensorboard import TensorBoardWriter, epoch_end_step
 from qat_lightning.callbacks.quantization import QuantizationCallback
 from qat_lightning.nn import FakeQuantizedLayer, is_quantizable
-from qat_lightning.quant import FakeQuantizer, check_bits, dequantize, weight_config
+from qat_lightning.quant import FakeQuantizer, check_bits, weight_config
 from qat_lightning.quant.error import max_abs_error, sqnr_db
 
 DEFAULT_BITS = 8  # grid for float layers when no bit width is given and no QuantizationCallback is present
@@ -30,16 +30,22 @@ class WeightQuantization(NamedTuple):
 @torch.no_grad()
 def quantize_layer_weight(layer: nn.Module, bits: int) -> WeightQuantization:
     """Quantize ``layer.weight`` as training does: with the layer's own weight quantizer once it is
-    fake-quantized and calibrated, else per-channel symmetric at ``bits`` over the current weight's range."""
+    fake-quantized and calibrated, else per-channel symmetric at ``bits`` over the current weight's range.
+
+    ``dequantized`` is the fake-quantized weight of the forward pass (torch's fused kernel) and ``codes`` are
+    read off it, so both agree with training even where a weight falls exactly between two grid points.
+    """
     weight = layer.weight.detach()
     if isinstance(layer, FakeQuantizedLayer) and layer.weight_quantizer.calibrated:
         quantizer = layer.weight_quantizer
     else:
         quantizer = FakeQuantizer(weight_config(bits), weight.shape[0]).to(weight.device)
         quantizer(weight)  # a new quantizer is in training mode: this records the weight's range
-    codes = quantizer.quantize(weight)
-    dequantized = dequantize(codes, quantizer.scale, quantizer.zero_point, quantizer.axis)
-    return WeightQuantization(codes, quantizer.scale, dequantized)
+    was_training = quantizer.training
+    quantizer.eval()  # apply the recorded scale without observing again
+    dequantized = quantizer(weight)
+    quantizer.train(was_training)
+    return WeightQuantization(quantizer.quantize(dequantized), quantizer.scale, dequantized)
 
 
 class WeightHistograms(Callback):

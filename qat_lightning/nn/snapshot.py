@@ -68,16 +68,14 @@ def _min_max_plan(plan: list[LayerPlan]) -> list[LayerPlan]:
 
 @torch.no_grad()
 def _calibrate(snapshot: nn.Module, calibration_inputs: Iterable[Any], forward: Forward) -> None:
-    """Record weight ranges, then input ranges over float forward passes of ``calibration_inputs``."""
-    for _, layer in fake_quantized_layers(snapshot):
+    """Record weight ranges, then input ranges over float forward passes (no fake quant) of the inputs."""
+    layers = [layer for _, layer in fake_quantized_layers(snapshot)]
+    for layer in layers:
         layer.weight_quantizer.train()
         layer.weight_quantizer(layer.weight)
         layer.weight_quantizer.eval()
-    input_quantizers = [
-        layer.input_quantizer
-        for _, layer in fake_quantized_layers(snapshot)
-        if isinstance(layer.input_quantizer, FakeQuantizer)
-    ]
+        layer.weight_quantizer.fake_quant_enabled = False
+    input_quantizers = [layer.input_quantizer for layer in layers if isinstance(layer.input_quantizer, FakeQuantizer)]
     for quantizer in input_quantizers:
         quantizer.train()
         quantizer.fake_quant_enabled = False
@@ -85,6 +83,7 @@ def _calibrate(snapshot: nn.Module, calibration_inputs: Iterable[Any], forward: 
         forward(snapshot, inputs)
     for quantizer in input_quantizers:
         quantizer.eval()
+    for quantizer in quantizers(snapshot):
         quantizer.fake_quant_enabled = True
 
 
