@@ -121,10 +121,20 @@ def test_float_model_snapshot_is_min_max_ptq_and_leaves_the_model_alone() -> Non
         assert int(quantizer.zero_point) == int(np.clip(-np.round(lo / expected_scale), 0, 7))
 
 
-def test_float_model_snapshot_weights_only_and_missing_calibration() -> None:
+def test_float_model_snapshot_weights_only_per_tensor_and_missing_calibration() -> None:
+    torch.manual_seed(0)
     model = SmallCNN()
     snapshot = quantized_snapshot(model, 4, quantize_activations=False)
     assert all(isinstance(layer.input_quantizer, nn.Identity) for _, layer in fake_quantized_layers(snapshot))
+
+    per_tensor = quantized_snapshot(model, 4, quantize_activations=False, per_channel=False)
+    for _, layer in fake_quantized_layers(per_tensor):
+        w = layer.weight.detach().numpy()
+        scale = np.float32(np.abs(w).max()) / np.float32(7.5)
+        expected = np.clip(np.round(w * (np.float32(1) / scale)), -8, 7) * scale
+        assert layer.weight_quantizer.scale.shape == ()
+        np.testing.assert_allclose(layer.quantized_weight().detach().numpy(), expected, rtol=1e-6)
+
     with pytest.raises(ValueError, match="`calibration_inputs` is empty"):
         quantized_snapshot(model, 4)
     with pytest.raises(ValueError, match="`bits` must be an integer in 2..16"):

@@ -63,8 +63,8 @@ class WeightHistograms(Callback):
     - ``quant_error/<name>/max_abs``: the largest absolute weight error, in weight units.
 
     Fake-quantized layers use their own weight quantizer; float layers (before or without QAT) are quantized
-    per-channel symmetric at ``bits``. Histograms need a ``TensorBoardLogger`` (without one the callback warns
-    once and logs only the scalars). Everything is logged at the step of the epoch's last batch, like
+    per-channel symmetric at ``bits``. Histograms need a ``TensorBoardLogger``; with other loggers the callback
+    warns once and logs only the scalars. Everything is logged at the step of the epoch's last batch, like
     Lightning's own epoch metrics.
 
     Args:

@@ -9,8 +9,9 @@ statistics, observers and fake-quant modules stay exactly as they were.
   training bit width the snapshot therefore computes exactly what the model computes.
 - ``quantized_snapshot`` of a **float** model: post-training fake quantization, as the ResNet-20 write-up did
   with min/max observers. Every Conv/Linear layer gets per-channel symmetric ``b``-bit weights (range: the
-  current weights) and, with ``quantize_activations``, per-tensor asymmetric ``b``-bit inputs whose range is the
-  running min/max over float forward passes of ``calibration_inputs``.
+  current weights; one range per tensor with ``per_channel=False``) and, with ``quantize_activations``,
+  per-tensor asymmetric ``b``-bit inputs whose range is the running min/max over float forward passes of
+  ``calibration_inputs``.
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ def _regrid(quantizer: FakeQuantizer, bits: int) -> None:
         quantizer.zero_point.copy_(zero_point)
 
 
-def _min_max_plan(plan: list[LayerPlan]) -> list[LayerPlan]:
-    """``plan`` with running min/max activation observers (post-training calibration) instead of averages."""
+def _ptq_plan(plan: list[LayerPlan], per_channel: bool) -> list[LayerPlan]:
+    """``plan`` for post-training calibration: running min/max input observers, weights per channel or not."""
     return [
-        dataclasses.replace(p, activation=dataclasses.replace(p.activation, observer="minmax")) if p.activation else p
+        dataclasses.replace(
+            p,
+            weight=dataclasses.replace(p.weight, per_channel=per_channel),
+            activation=dataclasses.replace(p.activation, observer="minmax") if p.activation else None,
+        )
         for p in plan
     ]
 
@@ -93,6 +98,7 @@ def quantized_snapshot(
     calibration_inputs: Iterable[Any] = (),
     quantize_activations: bool = True,
     forward: Forward | None = None,
+    per_channel: bool = True,
 ) -> nn.Module:
     """An eval-mode deep copy of ``model`` whose Conv/Linear layers compute at ``bits`` bits.
 
@@ -106,6 +112,7 @@ def quantized_snapshot(
         quantize_activations: for a float model, whether layer inputs are quantized too (else weights only).
             A fake-quantized model keeps its own choice.
         forward: how to run the model on one element of ``calibration_inputs`` (default ``model(inputs)``).
+        per_channel: for a float model, one weight scale per output channel (default) or one per tensor.
     """
     check_bits(bits)
     snapshot = copy.deepcopy(model).eval()
@@ -120,6 +127,6 @@ def quantized_snapshot(
             f"{bits} bits need at least one batch; pass some inputs or set `quantize_activations=False`."
         )
     plan = plan_quantization(snapshot, bits, activation_bits=bits if quantize_activations else 0)
-    apply_plan(snapshot, _min_max_plan(plan))
+    apply_plan(snapshot, _ptq_plan(plan, per_channel))
     _calibrate(snapshot, calibration_inputs, forward or _call)
     return snapshot
