@@ -2,7 +2,7 @@
 
 from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
 from qat_lightning.calibration import calibrate
-from qat_lightning.callbacks import QuantizationCallback
+from qat_lightning.callbacks import BitWidthMetrics, QuantizationCallback, WeightHistograms, WeightNormalization
 from qat_lightning.data import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -25,18 +25,25 @@ from qat_lightning.nn import (
     FakeQuantizedLayer,
     LayerPlan,
     apply_plan,
+    apply_weight_norm,
     fake_quantized_layers,
+    float_snapshot,
+    fold_weight_norm_state_dict,
     is_prepared,
     plan_quantization,
+    quantized_snapshot,
+    remove_weight_norm,
     restore_float,
 )
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, sqnr_db
+from qat_lightning.report import MetricTable
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CIFAR10DataModule",
     "CifarResNet",
+    "BitWidthMetrics",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
@@ -47,9 +54,12 @@ __all__ = [
     "LayerSensitivity",
     "LeNet5",
     "MNISTDataModule",
+    "MetricTable",
     "QuantizationCallback",
     "QuantizerConfig",
     "SmallCNN",
+    "WeightHistograms",
+    "WeightNormalization",
     "__version__",
     "apply_plan",
     "calibrate",
@@ -63,5 +73,12 @@ __all__ = [
     "resnet18",
     "resnet20",
     "resnet_cifar",
+    "apply_weight_norm",
+    "float_snapshot",
+    "fold_weight_norm_state_dict",
+    "max_abs_error",
+    "quantized_snapshot",
+    "remove_weight_norm",
     "restore_float",
+    "sqnr_db",
 ]

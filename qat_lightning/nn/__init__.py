@@ -26,6 +26,13 @@ from qat_lightning.nn.prepare import (
     set_observers_enabled,
     unsupported_layers,
 )
+from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
+from qat_lightning.nn.weight_norm import (
+    apply_weight_norm,
+    fold_weight_norm_state_dict,
+    is_weight_normalized,
+    remove_weight_norm,
+)
 
 __all__ = [
     "QUANTIZABLE_TYPES",
@@ -36,6 +43,7 @@ __all__ = [
     "FakeQuantizedLinear",
     "LayerPlan",
     "apply_plan",
+    "apply_weight_norm",
     "fake_quantize_layer",
     "fake_quantized_layers",
     "format_plan",
@@ -45,8 +53,13 @@ __all__ = [
     "plan_from_state_dict",
     "plan_quantization",
     "prepare_for_state_dict",
+    "float_snapshot",
+    "fold_weight_norm_state_dict",
+    "is_weight_normalized",
+    "quantized_snapshot",
     "quantizers",
     "restore_float",
+    "remove_weight_norm",
     "restore_float_layer",
     "set_observers_enabled",
     "unsupported_layers",

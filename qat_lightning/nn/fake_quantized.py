@@ -5,6 +5,11 @@ input activation and the weight to their integer grids before the usual convolut
 modules (``input_quantizer``, ``weight_quantizer``) are added. The module object, its Parameters, hooks and
 parametrizations all stay the same, so optimizers, user references (``model.fc``) and ``isinstance`` checks
 keep working. ``torch.nn.utils.parametrize`` uses the same technique.
+
+Parametrized layers (e.g. under ``torch.nn.utils.parametrizations.weight_norm``) keep torch's dynamic
+``Parametrized<Class>`` as their outermost class, rebuilt on top of the fake-quantized class, so that
+``parametrize.remove_parametrizations`` (which restores ``type(module).__bases__[0]``) leaves a working
+fake-quantized layer, and ``restore_float_layer`` leaves a working parametrized float layer.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 
@@ -95,6 +101,25 @@ def _fake_quantized_class(float_class: type[nn.Module]) -> type[FakeQuantizedLay
     return type(f"FakeQuantized{float_class.__name__}", (mixin, float_class), attrs)
 
 
+def _unparametrized_class(module: nn.Module) -> type[nn.Module]:
+    """The class of ``module`` below torch's parametrization wrapper (``torch``'s own convention)."""
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
+def _set_class(module: nn.Module, cls: type[nn.Module]) -> None:
+    """Give ``module`` the class ``cls``, keeping its parametrizations working.
+
+    ``parametrize`` holds one property per parametrized tensor in a dynamic subclass of the module's class and
+    restores that subclass's first base when the last parametrization is removed; the wrapper is therefore
+    rebuilt on top of ``cls`` instead of being replaced by it.
+    """
+    if parametrize.is_parametrized(module):
+        wrapper = type(module)
+        attrs = {k: v for k, v in vars(wrapper).items() if k not in ("__dict__", "__weakref__")}
+        cls = type(f"Parametrized{cls.__name__}", (cls,), attrs)
+    module.__class__ = cls
+
+
 def fake_quantize_layer(
     module: nn.Module, weight: QuantizerConfig, activation: QuantizerConfig | None
 ) -> FakeQuantizedLayer:
@@ -112,7 +137,7 @@ def fake_quantize_layer(
     module.input_quantizer = FakeQuantizer(activation).to(ref.device) if activation else nn.Identity()
     module.weight_quantizer.train(module.training)
     module.input_quantizer.train(module.training)
-    module.__class__ = _fake_quantized_class(type(module))
+    _set_class(module, _fake_quantized_class(_unparametrized_class(module)))
     return module  # type: ignore[return-value]
 
 
@@ -120,5 +145,5 @@ def restore_float_layer(module: FakeQuantizedLayer) -> nn.Module:
     """Undo ``fake_quantize_layer`` in place: drop the quantizers and restore the original class."""
     del module.weight_quantizer
     del module.input_quantizer
-    module.__class__ = module.float_class
+    _set_class(module, module.float_class)
     return module

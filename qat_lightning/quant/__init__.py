@@ -1,6 +1,7 @@
 """The quantization math: pure functions, observers and the fake quantizer module."""
 
 from qat_lightning.quant.config import QuantizerConfig, activation_config, weight_config
+from qat_lightning.quant.error import max_abs_error, sqnr_db
 from qat_lightning.quant.fake_quantizer import FakeQuantizer
 from qat_lightning.quant.observers import (
     MinMaxObserver,
@@ -31,7 +32,9 @@ __all__ = [
     "choose_qparams",
     "dequantize",
     "fake_quantize",
+    "max_abs_error",
     "quant_range",
     "quantize",
+    "sqnr_db",
     "weight_config",
 ]
