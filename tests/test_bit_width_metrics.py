@@ -58,14 +58,15 @@ def _trainer(tmp_path, callbacks: list, max_epochs: int = 2, logger: Any = False
     )
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+def _state(module: nn.Module) -> dict[str, object]:
+    """Tensors cloned; quantizers' extra state (their config dicts) copied."""
+    return {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in module.state_dict().items()}
 
 
-def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def _assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
 def _numpy_symmetric_per_channel(weight: torch.Tensor, bits: int) -> np.ndarray:
@@ -205,7 +206,7 @@ class RecordingBitWidthMetrics(BitWidthMetrics):
 def test_metrics_equal_sklearn_on_the_same_predictions(tmp_path) -> None:
     L.seed_everything(0)
     callback = RecordingBitWidthMetrics(eval_bits=(2, 8))
-    trainer = _trainer(tmp_path, [QuantizationCallback(bits=4, warmup_epochs=1), callback])
+    trainer = _trainer(tmp_path, [QuantizationCallback(bits=4, warmup_epochs=1, first_last_bits=None), callback])
     trainer.fit(ImageClassifier(SmallCNN()), DigitsDataModule())
 
     assert set(callback.predictions) == {2, 4, 8, None}  # the training bit width is always evaluated

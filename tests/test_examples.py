@@ -29,7 +29,7 @@ def levels_per_channel(layer: FakeQuantizedLayer) -> int:
 
 
 def test_every_example_has_a_test():
-    tested = {"plain_python", "custom_model", "ptq_vs_qat"}
+    tested = {"plain_python", "custom_model", "ptq_vs_qat", "weight_norm_study"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -91,3 +91,16 @@ def test_ptq_vs_qat_calibrates_and_reports_each_bit_width(tmp_path, monkeypatch,
         with torch.no_grad():
             errors[bits] = float((ptq(x) - float_model(x)).pow(2).mean())
     assert errors[8] < errors[2] / 10
+
+
+def test_weight_norm_study_prints_its_table(monkeypatch, capsys):
+    study = load_example("weight_norm_study")
+    monkeypatch.setattr("sys.argv", ["weight_norm_study.py", "--seeds", "1", "--epochs", "1"])
+    study.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert [line.split("|")[2].strip() for line in lines] == ["no", "yes"]
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")[2:]]
+        accuracies = [float(c.split(" ± ")[0]) for c in cells[:-1]]
+        assert all(0.0 <= a <= 100.0 for a in accuracies) and accuracies[0] > 10.0  # above chance after an epoch
+        assert float(cells[-1]) > 0.0  # the largest weight magnitude

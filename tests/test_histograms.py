@@ -133,7 +133,10 @@ def test_event_files_hold_histograms_and_sqnr_every_epoch(tmp_path) -> None:
 
 def test_qat_bits_by_default_every_n_epochs_and_fake_quantized_layers(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    callbacks = [QuantizationCallback(bits=3, warmup_epochs=2), WeightHistograms(every_n_epochs=2)]
+    callbacks = [
+        QuantizationCallback(bits=3, warmup_epochs=2, first_last_bits=None),
+        WeightHistograms(every_n_epochs=2),
+    ]
     trainer, model = _fit(tmp_path, logger, callbacks, max_epochs=4)
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()

@@ -5,8 +5,9 @@ statistics, observers and fake-quant modules stay exactly as they were.
 
 - ``float_snapshot``: the current float weights with every fake quantizer removed.
 - ``quantized_snapshot`` of a **fake-quantized** model (QAT): each of the model's own quantizers is kept with the
-  range its observer recorded and re-gridded to ``b`` bits; layers the model keeps float stay float. At the
-  training bit width the snapshot therefore computes exactly what the model computes.
+  clipping range it uses now (observed, or learned by LSQ: ``scale * (qmax - qmin)``) and re-gridded to ``b``
+  bits; layers the model keeps float stay float. A quantizer already at ``b`` bits is left as it is, so when
+  every layer trains at ``b`` bits the snapshot computes exactly what the model computes.
 - ``quantized_snapshot`` of a **float** model: post-training fake quantization, as the ResNet-20 write-up did
   with min/max observers. Every Conv/Linear layer gets per-channel symmetric ``b``-bit weights (range: the
   current weights; one range per tensor with ``per_channel=False``) and, with ``quantize_activations``,
@@ -33,7 +34,8 @@ from qat_lightning.nn.prepare import (
     quantizers,
     restore_float,
 )
-from qat_lightning.quant import FakeQuantizer, check_bits
+from qat_lightning.quant import FakeQuantizer, check_bits, choose_qparams, quant_range
+from qat_lightning.quant.primitives import EPS
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -49,14 +51,24 @@ def float_snapshot(model: nn.Module) -> nn.Module:
     return snapshot
 
 
+@torch.no_grad()
 def _regrid(quantizer: FakeQuantizer, bits: int) -> None:
-    """Move ``quantizer`` to a ``bits``-bit grid over the range its observer recorded (in place)."""
-    config = dataclasses.replace(quantizer.config, bits=bits)
-    quantizer.config = quantizer.observer.config = config
+    """Move ``quantizer`` to a ``bits``-bit grid over the clipping range it uses now (in place)."""
+    old = quantizer.config
+    if bits == old.bits:
+        return
+    qmin, qmax = quant_range(old.bits, old.symmetric)
+    scale = quantizer.scale.detach().clamp(min=EPS)
+    if old.symmetric:  # the range is +-max|x| = scale * (qmax - qmin) / 2
+        high = scale * (qmax - qmin) / 2
+        low = -high
+    else:
+        low, high = (qmin - quantizer.zero_point) * scale, (qmax - quantizer.zero_point) * scale
+    quantizer.config = quantizer.observer.config = dataclasses.replace(old, bits=bits)
     if quantizer.calibrated:
-        scale, zero_point = quantizer.observer.qparams()
-        quantizer.scale.copy_(scale)
-        quantizer.zero_point.copy_(zero_point)
+        new_scale, new_zero_point = choose_qparams(low, high, bits, old.symmetric)
+        quantizer.scale.copy_(new_scale)
+        quantizer.zero_point.copy_(new_zero_point)
 
 
 def _ptq_plan(plan: list[LayerPlan], per_channel: bool) -> list[LayerPlan]:
