@@ -13,8 +13,9 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
 - ``brevitas``: Brevitas layers at 4 bits (digits CNN only, when installed: the ``bench`` extra).
 
 Paths are run round-robin after a warm-up and the median of each is reported; the ratios divide by the float
-median of the same run. Peak memory (RSS growth of a fresh forked process running 3 steps of one path) is
-reported too. The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
+median of the same run. Peak memory is measured apart: a fresh Python process builds one path, resets its
+peak resident set size (Linux ``/proc/self/clear_refs``) and reports how far 3 steps raise it.
+The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
-import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -99,36 +100,52 @@ def brevitas_cnn(bits: int) -> nn.Module:
     )
 
 
-def build_paths(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
-    paths = {
-        "fp32": copy.deepcopy(model),
-        "ours_4bit": ours(model, x, 4, None),
-        "ours_4bit_observed": ours(model, x, 4, False),
-        "ours_4bit_frozen": ours(model, x, 4, False, frozen=True),
-        "ours_8bit": ours(model, x, 8, None),
-        "ours_8bit_lsq": ours(model, x, 8, True),
-        "fx": fx_qat(model, x),
+def build_paths(name: str, model: nn.Module, x: torch.Tensor, only: str | None = None) -> dict[str, nn.Module]:
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "fp32": lambda: copy.deepcopy(model),
+        "ours_4bit": lambda: ours(model, x, 4, None),
+        "ours_4bit_observed": lambda: ours(model, x, 4, False),
+        "ours_4bit_frozen": lambda: ours(model, x, 4, False, frozen=True),
+        "ours_8bit": lambda: ours(model, x, 8, None),
+        "ours_8bit_lsq": lambda: ours(model, x, 8, True),
+        "fx": lambda: fx_qat(model, x),
     }
     if importlib.util.find_spec("torchao") is not None:
-        paths["pt2e"] = pt2e_qat(model, x)
+        builders["pt2e"] = lambda: pt2e_qat(model, x)
     if name == "cnn" and importlib.util.find_spec("brevitas") is not None:
-        paths["brevitas"] = brevitas_cnn(4)
-    return paths
+        builders["brevitas"] = lambda: brevitas_cnn(4)
+    return {path: build() for path, build in builders.items() if only in (None, path)}
 
 
-def peak_memory_mb(step: Step) -> float:
-    """RSS growth (MiB) of a forked child process that runs 3 steps."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for _ in range(3):
-            step()
-        os.write(write, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before).encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    os.close(write)
-    return int(os.read(read, 64) or 0) / 1024
+SETUPS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    "resnet20": lambda: (resnet20(num_classes=10), torch.randn(64, 3, 32, 32)),
+    "cnn": lambda: (SmallCNN(), torch.randn(64, 1, 8, 8)),
+}
+
+
+def peak_memory_mb(model_name: str, path: str) -> float:
+    """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``)."""
+    command = [sys.executable, __file__, "--memory-of", model_name, path]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def report_memory(model_name: str, path: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model, x = SETUPS[model_name]()
+    y = torch.randint(0, 10, (x.shape[0],))
+    step = train_step(build_paths(model_name, model.train(), x, only=path)[path], x, y)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+    for _ in range(3):
+        step()
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -149,24 +166,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per path (median reported)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    setups = {
-        "resnet20": (resnet20(num_classes=10), torch.randn(64, 3, 32, 32)),
-        "cnn": (SmallCNN(), torch.randn(64, 1, 8, 8)),
-    }
+    if args.memory_of:
+        report_memory(*args.memory_of, args.threads)
+        return
+    torch.set_num_threads(args.threads)
     summary: dict[str, float] = {}
-    for name, (model, x) in setups.items():
+    for name, setup in SETUPS.items():
+        model, x = setup()
         y = torch.randint(0, 10, (x.shape[0],))
         paths = build_paths(name, model.train(), x)
         medians = measure(paths, x, y, args.rounds)
-        steps = {path: train_step(m, x, y) for path, m in paths.items()}
         print(f"\n{name}, batch {x.shape[0]}, {args.threads} threads, median of {args.rounds} interleaved steps")
         print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}")
         for path, seconds in medians.items():
             ratio = seconds / medians["fp32"]
-            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(steps[path]):>10.1f}")
+            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(name, path):>10.1f}")
             summary[f"{name}_{path}_ratio"] = round(ratio, 3)
     best_stock = min(summary[k] for k in ("resnet20_fx_ratio", "resnet20_pt2e_ratio") if k in summary)
     result = {
