@@ -273,6 +273,20 @@ class QuantizationCallback(Callback):
     ) -> None:
         self._advance(trainer, pl_module)
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Scales learned by LSQ may be created after DDP wrapped the model, so DDP does not average their
+        # gradients: average them here, so every process keeps the same scales.
+        if trainer.world_size > 1 and self.quantized:
+            grads = [p.grad for q in quantizers(pl_module) for p in q.parameters(recurse=False) if p.grad is not None]
+            if grads:
+                flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         skipped = sum(int(q.observer.skipped) for q in quantizers(pl_module))
         if skipped > self._skipped_reported:
