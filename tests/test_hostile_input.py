@@ -55,3 +55,26 @@ def test_training_with_a_nan_batch_keeps_scales_finite_and_warns(tmp_path):
     for _, layer in fake_quantized_layers(model):
         for q in (layer.weight_quantizer, layer.input_quantizer):
             assert torch.isfinite(q.scale).all() and torch.isfinite(q.observer.min_val).all()
+
+
+@pytest.mark.parametrize("samples", [0, 1])
+def test_empty_or_one_sample_dataloader(tmp_path, samples):
+    x, y = torch.randn(samples, 1, 8, 8), torch.randint(0, 10, (samples,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model = ImageClassifier(SmallCNN())
+    callback = QuantizationCallback(bits=4, warmup_epochs=0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, loader)
+    if samples:
+        assert callback.quantized
+        for _, layer in fake_quantized_layers(model):
+            assert torch.isfinite(layer.weight_quantizer.scale).all()
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(x)).all()
