@@ -1,6 +1,7 @@
 """qat-lightning: quantization-aware training for PyTorch Lightning."""
 
 from qat_lightning.callbacks import QuantizationCallback
+from qat_lightning.convert import ConversionResult, convert_model, load_packed_weights, save_packed_weights
 from qat_lightning.data import DigitsDataModule
 from qat_lightning.models import ImageClassifier, SmallCNN
 from qat_lightning.nn import (
@@ -20,6 +21,7 @@ __all__ = [
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
+    "ConversionResult",
     "ImageClassifier",
     "LayerPlan",
     "QuantizationCallback",
@@ -27,8 +29,11 @@ __all__ = [
     "SmallCNN",
     "__version__",
     "apply_plan",
+    "convert_model",
     "fake_quantized_layers",
     "is_prepared",
+    "load_packed_weights",
     "plan_quantization",
     "restore_float",
+    "save_packed_weights",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,8 @@ from qat_lightning.nn import (
     unsupported_layers,
 )
 from qat_lightning.quant import check_bits
+
+log = logging.getLogger(__name__)
 
 # torchvision's QAT recipe: BN statistics frozen 3 epochs, observers 4 epochs after fake quant starts.
 BN_FREEZE_DELAY_EPOCHS = 3
@@ -66,6 +70,10 @@ class QuantizationCallback(Callback):
        optimizer and its state carry on. The model's ``forward`` is not touched.
     3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
     4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
+    5. At fit end (``convert_on_fit_end``), on rank zero: BatchNorm is folded and the model is converted to an
+       int8 TorchScript file (oneDNN int8 kernels, ``torch.jit.load(path)`` runs it) plus a packed low-bit
+       weight file, in ``<log_dir>/quantized`` (see ``qat_lightning.convert``). A failed conversion is
+       logged as an error; the trained model and its checkpoints are left as they are.
 
     Set a freeze epoch beyond ``max_epochs`` to never freeze. Schedules may be given in optimizer steps
     instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
@@ -81,6 +89,9 @@ class QuantizationCallback(Callback):
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
+        convert_on_fit_end: write the int8 model (and packed weights) when ``fit`` ends.
+        convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
+        export_onnx: also write an ONNX QDQ file at fit end (needs the ``onnx`` extra).
 
     Example::
 
@@ -99,6 +110,9 @@ class QuantizationCallback(Callback):
         freeze_observers_step: int | None = None,
         exclude: Sequence[str] = (),
         monitor: str = "val/acc",
+        convert_on_fit_end: bool = True,
+        convert_dir: str | Path | None = None,
+        export_onnx: bool = False,
     ) -> None:
         self.bits = check_bits(bits)
         if activation_bits is not None and activation_bits != 0:
@@ -134,6 +148,9 @@ class QuantizationCallback(Callback):
         self._freeze_observers = _Event("freeze_observers", freeze_observers_epoch, freeze_observers_step)
         self.exclude = tuple(exclude)
         self.monitor = monitor
+        self.convert_on_fit_end = convert_on_fit_end
+        self.convert_dir = convert_dir
+        self.export_onnx = export_onnx
         self.plan: list[LayerPlan] = []
         self.quantized = False
         self.bn_frozen = False
@@ -210,6 +227,25 @@ class QuantizationCallback(Callback):
             f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
             f"{self.bits}-bit QAT phase {fmt(self.quantized_score)} (last validation of each phase)"
         )
+        if self.convert_on_fit_end and trainer.is_global_zero:
+            self._convert(trainer, pl_module)
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not is_prepared(pl_module):
+            rank_zero_info("QuantizationCallback: fit ended before fake quantization started; nothing to convert.")
+            return
+        from qat_lightning.convert.from_trainer import convert_from_trainer
+
+        try:
+            convert_from_trainer(trainer, pl_module, self.convert_dir, onnx=self.export_onnx)
+        except Exception as err:  # the trained model must survive any conversion failure
+            log.error(
+                "QuantizationCallback: int8 conversion failed (%s: %s). The trained model and its checkpoints are "
+                "unchanged; convert a checkpoint later with `python -m qat_lightning.convert`.",
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
 
     # ------------------------------------------------------------------ phase changes
 

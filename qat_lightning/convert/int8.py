@@ -1,0 +1,379 @@
+"""From a trained fake-quant model to a graph of x86 int8 kernels (oneDNN), with the trained scales.
+
+The pipeline reuses torchao's PT2E machinery for the parts it does well (graph capture, Q/DQ insertion,
+pattern fusion into ``onednn.qconv_pointwise`` / ``qlinear_pointwise`` with fused ReLU and residual add) and
+supplies the quantization parameters itself:
+
+1. Every fake-quantized layer is read out as integer codes + per-channel scale (``IntegerLayer``), then turned
+   back into a plain float layer whose weight sits exactly on its grid.
+2. BatchNorm is folded into the layer before it; per-channel weight scales are multiplied by
+   ``|gamma / sqrt(var + eps)|`` so that the folded weights keep the same integer codes.
+3. The model is exported and annotated by torchao's ``X86InductorQuantizer``. Observers in front of a trained
+   layer are replaced by the layer's trained input scale and zero point (also across max-pool/flatten, whose
+   output shares the input's grid); weight observers get the folded per-channel scales. Observers at points
+   the fake-quant model does not quantize (e.g. the branch of a residual add) are calibrated on example data.
+4. ``convert_pt2e`` + torch inductor's freezing passes fuse the Q/DQ graph into oneDNN int8 kernels.
+
+Layers that the int8 kernels cannot run (weights or inputs wider than 8 bits, float inputs, an operator the
+quantizer does not annotate) stay float: their weights keep their trained grid values and their inputs keep
+their fake quantization, so the result still computes what the trained model computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
+from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
+from qat_lightning.quant import FakeQuantizer, quant_range
+
+INT8_MAX_BITS = 8
+_INT8_MIN, _INT8_MAX = quant_range(8, symmetric=True)
+# Ops whose output is on the same grid as their input: their input observer is shared with their output.
+_GRID_PRESERVING_OPS = {
+    torch.ops.aten.max_pool1d.default,
+    torch.ops.aten.max_pool2d.default,
+    torch.ops.aten.max_pool3d.default,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.clamp.default,
+}
+_LAYER_OPS = {
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.default,
+    torch.ops.aten.linear.default,
+}
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """The integer form of one trained layer: ``weight = codes * scale`` and its input's affine grid.
+
+    Attributes:
+        name: qualified module name.
+        codes: integer weight codes, int32, shape of the weight.
+        scale: per-output-channel weight scale, float32, shape ``(C,)``.
+        bits: weight bit width.
+        input_scale, input_zero_point, input_bits: the per-tensor asymmetric grid of the layer input,
+            ``input = (q - zero_point) * scale`` with ``q`` in ``0..2**input_bits - 1``.
+    """
+
+    name: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    input_scale: float
+    input_zero_point: int
+    input_bits: int
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """The real interval the input grid covers: ``[(0 - zp) * s, (qmax - zp) * s]``."""
+        qmin, qmax = quant_range(self.input_bits, symmetric=False)
+        return (qmin - self.input_zero_point) * self.input_scale, (qmax - self.input_zero_point) * self.input_scale
+
+    def weight(self) -> torch.Tensor:
+        """``codes * scale`` (float32), exactly the weight the fake-quant layer used (after any fold)."""
+        return self.codes.float() * self.scale.reshape((-1,) + (1,) * (self.codes.dim() - 1))
+
+    def folded(self, factor: torch.Tensor) -> IntegerLayer:
+        """The same layer after BatchNorm folding with per-channel ``factor`` (see ``batchnorm_factor``).
+
+        Codes keep their magnitude (their sign flips where ``factor < 0``) and scales become
+        ``scale * |factor|``, so ``folded.weight() == weight() * factor`` on the same grid. A code of -128 that
+        flips to +128 at 8 bits is clamped to 127 (one step on one weight); channels with ``factor == 0``
+        become zero.
+        """
+        sign = torch.sign(factor).to(torch.int32).reshape((-1,) + (1,) * (self.codes.dim() - 1))
+        codes = torch.clamp(self.codes * sign, _INT8_MIN, _INT8_MAX) if self.bits == 8 else self.codes * sign
+        scale = torch.where(factor == 0, self.scale, self.scale * factor.abs())
+        return dataclasses.replace(self, codes=codes, scale=scale)
+
+
+def int8_unsupported_reason(layer: FakeQuantizedLayer) -> str | None:
+    """Why the int8 kernels cannot run ``layer`` (``None`` if they can)."""
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    if wq.config.bits > INT8_MAX_BITS:
+        return f"{wq.config.bits}-bit weights"
+    if not isinstance(iq, FakeQuantizer):
+        return "float inputs (no input quantizer)"
+    if iq.config.bits > INT8_MAX_BITS:
+        return f"{iq.config.bits}-bit inputs"
+    if not (wq.calibrated and iq.calibrated):
+        return "quantizers never saw data"
+    if not (wq.config.symmetric and wq.config.per_channel) or iq.config.symmetric or iq.config.per_channel:
+        return "a quantization scheme other than per-channel symmetric weights and per-tensor asymmetric inputs"
+    return None
+
+
+def integer_layer(name: str, layer: FakeQuantizedLayer) -> IntegerLayer:
+    """Read the integer form of a fake-quantized layer (the grids its forward pass uses now).
+
+    The codes are read off the fake-quantized weight itself, so they follow the fake-quant kernel's rounding
+    (``x * (1 / scale)``) also where ``x / scale`` lands on a tie, as each channel's extreme weight does.
+    """
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    scale = wq.scale.detach().float().clone()
+    grid_weight = layer.quantized_weight().detach()
+    codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1))).to(torch.int32)
+    return IntegerLayer(
+        name=name,
+        codes=codes,
+        scale=scale,
+        bits=wq.config.bits,
+        input_scale=float(iq.scale),
+        input_zero_point=int(iq.zero_point),
+        input_bits=iq.config.bits,
+    )
+
+
+def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """Export with a dynamic batch dimension (so the int8 model takes any batch size)."""
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+    return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
+def _with_batch_of_two(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Export specialises a batch of 1; repeat such inputs so the batch dimension stays symbolic."""
+    return tuple(
+        torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and len(x) == 1 else x for x in example_inputs
+    )
+
+
+@dataclass
+class FloatModel:
+    """A float copy of a fake-quant model, ready for int8 export, and what it records about its layers."""
+
+    model: nn.Module
+    int8_layers: dict[str, IntegerLayer]
+    float_layers: dict[str, str]  # name -> reason it stays float
+
+
+@torch.no_grad()
+def float_model_for_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FloatModel:
+    """A deep copy of ``model`` with BatchNorm folded and every int8-able layer back to a plain float layer.
+
+    Weights of int8 layers are ``codes * scale`` (exactly their grid values, after folding). Layers the
+    int8 kernels cannot run keep their fake quantization with their weight frozen on its grid.
+    """
+    float_model = copy.deepcopy(model).eval()
+    int8_layers, float_layers = {}, {}
+    for name, layer in list(fake_quantized_layers(float_model)):
+        reason = int8_unsupported_reason(layer)
+        if reason is None:
+            int8_layers[name] = integer_layer(name, layer)
+            restore_float_layer(layer)
+        else:
+            float_layers[name] = reason
+            layer.weight = nn.Parameter(layer.quantized_weight().detach(), requires_grad=False)
+            layer.weight_quantizer = nn.Identity()
+    pairs = find_batchnorm_pairs(_export(float_model, example_inputs).graph)
+    factors = fold_batchnorms(float_model, pairs)
+    for name, factor in factors.items():
+        if name in int8_layers:
+            int8_layers[name] = int8_layers[name].folded(factor)
+    for name, layer in int8_layers.items():
+        float_model.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
+        if layer.input_bits < INT8_MAX_BITS:
+            float_model.get_submodule(name).register_forward_pre_hook(_ClampInput(*layer.input_range))
+    return FloatModel(float_model, int8_layers, float_layers)
+
+
+class _ClampInput:
+    """Forward pre-hook clamping a layer's input to its grid's range.
+
+    The int8 kernels requantize outputs to the full ``0..255`` grid; a layer trained with a ``b < 8``-bit input
+    grid also needs the clamp at ``2**b - 1``. Clamping in float and quantizing with the same scale and zero
+    point is exactly the b-bit quantization.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (torch.clamp(args[0], self.low, self.high), *args[1:])
+
+
+# ---------------------------------------------------------------------------------------------- PT2E
+
+
+def _quantizer(float_layer_names: Iterable[str]):  # type: ignore[no-untyped-def]
+    """torchao's x86 quantizer with min/max observers (calibration only fills points we have no scale for)."""
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    config = xiq.get_default_x86_inductor_quantization_config()
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
+    for name in float_layer_names:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _trained_qparams_observer(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, per_channel: bool) -> nn.Module:
+    """An observer whose ``calculate_qparams`` returns trained parameters instead of observed ones."""
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    class TrainedQParams(ObserverBase):
+        def __init__(self) -> None:
+            super().__init__(dtype=torch.int8 if per_channel else torch.uint8)
+            self.qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_affine
+            self.ch_axis = 0
+            self.quant_min, self.quant_max = quant_range(bits, symmetric=per_channel)
+            self.register_buffer("scale", scale.detach().float().clone())
+            self.register_buffer("zero_point", zero_point.detach().to(torch.int64).clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+            return self.scale, self.zero_point
+
+    return TrainedQParams()
+
+
+def _is_observer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObserverBase)
+
+
+def _replace_observer(gm: torch.fx.GraphModule, old: nn.Module, new: nn.Module) -> None:
+    """Swap ``old`` for ``new`` at every call site (torchao shares one observer between several edges)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and gm.get_submodule(node.target) is old:
+            setattr(gm, node.target, new)
+
+
+def _layer_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    nodes = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target in _LAYER_OPS and stack:
+            nodes[next(reversed(stack.values()))[0]] = node
+    return nodes
+
+
+def assign_trained_qparams(gm: torch.fx.GraphModule, layers: dict[str, IntegerLayer]) -> list[str]:
+    """Give the observers of a prepared PT2E graph the trained scales; return the layers left unannotated.
+
+    Weight observers get the folded per-channel scales. The observer of each layer's input, and every
+    observer upstream of it across grid-preserving ops (max-pool, flatten, our input clamp), gets the layer's
+    input scale and zero point; behind the clamp the grid is the full 8-bit one, in front of it the trained one.
+    """
+    nodes = _layer_nodes(gm)
+    assigned: set[int] = set()
+    missing = []
+    for name, layer in layers.items():
+        node = nodes.get(name)
+        if node is None or not (_is_observer(gm, node.args[0]) and _is_observer(gm, node.args[1])):
+            missing.append(name)
+            continue
+        weight_observer = gm.get_submodule(node.args[1].target)
+        _replace_observer(
+            gm, weight_observer, _trained_qparams_observer(layer.scale, torch.zeros_like(layer.scale), 8, True)
+        )
+        bits = layer.input_bits
+        current = node.args[0]
+        while current.op != "placeholder":
+            if _is_observer(gm, current):
+                observer = gm.get_submodule(current.target)
+                if id(observer) not in assigned:
+                    scale, zp = torch.tensor(layer.input_scale), torch.tensor(layer.input_zero_point)
+                    trained = _trained_qparams_observer(scale, zp, bits, False)
+                    _replace_observer(gm, observer, trained)
+                    assigned.add(id(trained))
+            elif current.target in _GRID_PRESERVING_OPS:
+                if current.target is torch.ops.aten.clamp.default:
+                    bits = INT8_MAX_BITS
+            else:
+                break
+            current = current.args[0]
+    return missing
+
+
+def lower_to_onednn(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+    """Fuse a converted (Q/DQ) PT2E graph into oneDNN int8 kernels with prepacked weights.
+
+    The same passes as torchao's ``lower_pt2e_quantized_to_x86`` (inductor's freezing patterns and constant
+    folding, no code generation), keeping the batch dimension dynamic.
+    """
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+
+    exported = _export(gm, example_inputs)
+    decompositions = {
+        op: fn for op, fn in torch.export.default_decompositions().items() if torch._export.utils._is_cia_op(op)
+    }
+    lowered = exported.run_decompositions(decompositions).module()
+    for node in lowered.graph.nodes:  # the fusion patterns expect permute, not t
+        if node.target is torch.ops.aten.t.default:
+            node.target, node.args = torch.ops.aten.permute.default, (node.args[0], [1, 0])
+    lowered.recompile()
+    freezing_passes(lowered, example_inputs)
+    constant_fold(lowered)
+    for node in lowered.graph.nodes:  # oneDNN returns channels-last tensors, which `view` cannot flatten
+        if node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    lowered.recompile()
+    return lowered
+
+
+@dataclass
+class Int8Graph:
+    """The lowered int8 graph and the bookkeeping the caller reports."""
+
+    graph_module: torch.fx.GraphModule
+    int8_layers: dict[str, IntegerLayer]
+    float_layers: dict[str, str]
+
+
+def to_int8_graph(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    calibration_inputs: Iterable[Sequence[torch.Tensor]] = (),
+) -> Int8Graph:
+    """Convert a trained fake-quant ``model`` (left untouched) into a graph of oneDNN int8 kernels.
+
+    Args:
+        model: a model prepared by ``QuantizationCallback``/``apply_plan`` (fake-quantized layers in place).
+        example_inputs: one batch of the model's positional inputs; its batch dimension becomes dynamic.
+        calibration_inputs: more batches for the few observers that have no trained counterpart (e.g. the
+            two branches of a residual add); ``example_inputs`` is always used.
+
+    Returns:
+        ``Int8Graph``: a runnable ``torch.fx.GraphModule`` (float in, float out) plus which layers run in int8.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example_inputs = _with_batch_of_two(tuple(example_inputs))
+    prepared_float = float_model_for_int8(model, example_inputs)
+    float_names = [
+        name
+        for name, module in prepared_float.model.named_modules()
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in prepared_float.int8_layers
+    ]
+    prepared = prepare_pt2e(_export(prepared_float.model, example_inputs).module(), _quantizer(float_names))
+    for name in assign_trained_qparams(prepared, prepared_float.int8_layers):
+        prepared_float.float_layers[name] = "the x86 quantizer does not annotate it"
+        prepared_float.int8_layers.pop(name)
+    with torch.no_grad():
+        prepared(*example_inputs)
+        for batch in calibration_inputs:
+            prepared(*batch)
+    converted = convert_pt2e(prepared)
+    lowered = lower_to_onednn(converted, example_inputs)
+    for name, reason in prepared_float.float_layers.items():
+        rank_zero_warn(f"int8 conversion: layer `{name}` stays float ({reason}); it keeps its trained grid values.")
+    return Int8Graph(lowered, prepared_float.int8_layers, prepared_float.float_layers)
