@@ -22,7 +22,7 @@ from torch import nn
 
 from qat_lightning.convert.int8 import to_int8_graph
 from qat_lightning.convert.packing import save_packed_weights
-from qat_lightning.convert.torchscript import script_int8
+from qat_lightning.convert.torchscript import load_script, save_script, script_int8
 from qat_lightning.nn import fake_quantized_layers, is_prepared
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def convert_model(
         int8_layers=sorted(graph.int8_layers),
         float_layers=dict(graph.float_layers),
     )
-    result.sizes[result.int8_path] = _atomic_write(result.int8_path, lambda p: torch.jit.save(scripted, str(p)))
-    loaded_out = _outputs(torch.jit.load(str(result.int8_path)), example_inputs)
+    result.sizes[result.int8_path] = _atomic_write(result.int8_path, lambda p: save_script(scripted, str(p)))
+    loaded_out = _outputs(load_script(str(result.int8_path)), example_inputs)
     reference_out = _outputs(reference, example_inputs)
     if isinstance(loaded_out, torch.Tensor) and isinstance(reference_out, torch.Tensor):
         result.max_abs_diff = float((loaded_out - reference_out).abs().max())

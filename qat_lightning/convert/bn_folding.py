@@ -30,11 +30,11 @@ _BATCHNORM_OPS = {
 
 
 def batchnorm_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm, float32, shape ``(C,)``."""
+    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm, float32, shape ``(C,)``, detached."""
     if bn.running_var is None:
         raise ValueError(f"Cannot fold {type(bn).__name__} without running statistics (`track_running_stats=False`).")
     inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
-    return inv_std * bn.weight.float() if bn.affine else inv_std
+    return inv_std * bn.weight.detach().float() if bn.affine else inv_std
 
 
 def fold_batchnorm(

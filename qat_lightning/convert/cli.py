@@ -44,7 +44,12 @@ def main(args: list[str] | None = None) -> ConversionResult:
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
-        args=[*rest, "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+        args=[
+            *rest,
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+        ],
     )
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=known.ckpt_path)
     if not is_prepared(cli.model):

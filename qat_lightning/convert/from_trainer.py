@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from qat_lightning.convert.api import ConversionResult, compare_predictions, convert_model
+from qat_lightning.convert.torchscript import load_script
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _first_batches(dataloaders: Any, count: int) -> list[Any]:
 def _report_agreement(
     trainer: pl.Trainer, pl_module: pl.LightningModule, result: ConversionResult, batches: list[Any]
 ) -> None:
-    int8 = torch.jit.load(str(result.int8_path))
+    int8 = load_script(str(result.int8_path))
     was_training = pl_module.training
     pl_module.eval()
     try:

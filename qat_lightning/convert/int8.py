@@ -12,7 +12,9 @@ supplies the quantization parameters itself:
    layer are replaced by the layer's trained input scale and zero point (also across max-pool/flatten, whose
    output shares the input's grid); weight observers get the folded per-channel scales. Observers at points
    the fake-quant model does not quantize (e.g. the branch of a residual add) are calibrated on example data.
-4. ``convert_pt2e`` + torch inductor's freezing passes fuse the Q/DQ graph into oneDNN int8 kernels.
+4. ``convert_pt2e`` + torch inductor's freezing passes fuse the Q/DQ graph into oneDNN int8 kernels, which
+   requantize to the full ``0..255`` grid; a ``clamp`` on the uint8 codes in front of each kernel trained on a
+   ``b < 8``-bit input grid narrows it back (``narrow_inputs``).
 
 Layers that the int8 kernels cannot run (weights or inputs wider than 8 bits, float inputs, an operator the
 quantizer does not annotate) stay float: their weights keep their trained grid values and their inputs keep
@@ -35,6 +37,8 @@ from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_
 from qat_lightning.quant import FakeQuantizer, quant_range
 
 INT8_MAX_BITS = 8
+# oneDNN's int8 kernels on AVX2 CPUs without VNNI add pairs of u8 x s8 products in 16 bits (vpmaddubsw).
+_INT16_MAX = 2**15 - 1
 _INT8_MIN, _INT8_MAX = quant_range(8, symmetric=True)
 # Ops whose output is on the same grid as their input: their input observer is shared with their output.
 _GRID_PRESERVING_OPS = {
@@ -44,7 +48,6 @@ _GRID_PRESERVING_OPS = {
     torch.ops.aten.flatten.using_ints,
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
-    torch.ops.aten.clamp.default,
 }
 _LAYER_OPS = {
     torch.ops.aten.conv1d.default,
@@ -75,12 +78,6 @@ class IntegerLayer:
     input_zero_point: int
     input_bits: int
 
-    @property
-    def input_range(self) -> tuple[float, float]:
-        """The real interval the input grid covers: ``[(0 - zp) * s, (qmax - zp) * s]``."""
-        qmin, qmax = quant_range(self.input_bits, symmetric=False)
-        return (qmin - self.input_zero_point) * self.input_scale, (qmax - self.input_zero_point) * self.input_scale
-
     def weight(self) -> torch.Tensor:
         """``codes * scale`` (float32), exactly the weight the fake-quant layer used (after any fold)."""
         return self.codes.float() * self.scale.reshape((-1,) + (1,) * (self.codes.dim() - 1))
@@ -97,6 +94,21 @@ class IntegerLayer:
         codes = torch.clamp(self.codes * sign, _INT8_MIN, _INT8_MAX) if self.bits == 8 else self.codes * sign
         scale = torch.where(factor == 0, self.scale, self.scale * factor.abs())
         return dataclasses.replace(self, codes=codes, scale=scale)
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(name, False) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def may_saturate_without_vnni(layer: IntegerLayer) -> bool:
+    """Whether two of the layer's largest input x weight products overflow 16 bits (possible on AVX2).
+
+    True for 8-bit inputs with 8-bit weights; a 7-bit input grid (torch's ``reduce_range``) or 7-bit
+    weights keep every pair within range.
+    """
+    return 2 * (2**layer.input_bits - 1) * 2 ** (layer.bits - 1) > _INT16_MAX
 
 
 def int8_unsupported_reason(layer: FakeQuantizedLayer) -> str | None:
@@ -150,6 +162,23 @@ def _with_batch_of_two(example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
     )
 
 
+class FrozenInputGrid(nn.Module):
+    """A trained per-tensor input quantizer as plain ATen arithmetic (exportable, scriptable, same rounding).
+
+    ``(clamp(round(x * (1 / scale)) + zero_point, qmin, qmax) - zero_point) * scale``, as the fused fake-quant
+    kernel computes it; used for layers that stay float so that they still see their trained input grid.
+    """
+
+    def __init__(self, quantizer: FakeQuantizer) -> None:
+        super().__init__()
+        self.scale, self.zero_point = float(quantizer.scale), int(quantizer.zero_point)
+        self.quant_min, self.quant_max = quant_range(quantizer.config.bits, quantizer.config.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x * (1.0 / self.scale)) + self.zero_point, self.quant_min, self.quant_max)
+        return (q - self.zero_point) * self.scale
+
+
 @dataclass
 class FloatModel:
     """A float copy of a fake-quant model, ready for int8 export, and what it records about its layers."""
@@ -164,7 +193,8 @@ def float_model_for_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, .
     """A deep copy of ``model`` with BatchNorm folded and every int8-able layer back to a plain float layer.
 
     Weights of int8 layers are ``codes * scale`` (exactly their grid values, after folding). Layers the
-    int8 kernels cannot run keep their fake quantization with their weight frozen on its grid.
+    int8 kernels cannot run stay float with their weight frozen on its grid and their input quantizer as
+    ``FrozenInputGrid``.
     """
     float_model = copy.deepcopy(model).eval()
     int8_layers, float_layers = {}, {}
@@ -177,6 +207,8 @@ def float_model_for_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, .
             float_layers[name] = reason
             layer.weight = nn.Parameter(layer.quantized_weight().detach(), requires_grad=False)
             layer.weight_quantizer = nn.Identity()
+            if isinstance(layer.input_quantizer, FakeQuantizer):
+                layer.input_quantizer = FrozenInputGrid(layer.input_quantizer)
     pairs = find_batchnorm_pairs(_export(float_model, example_inputs).graph)
     factors = fold_batchnorms(float_model, pairs)
     for name, factor in factors.items():
@@ -184,24 +216,7 @@ def float_model_for_int8(model: nn.Module, example_inputs: tuple[torch.Tensor, .
             int8_layers[name] = int8_layers[name].folded(factor)
     for name, layer in int8_layers.items():
         float_model.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
-        if layer.input_bits < INT8_MAX_BITS:
-            float_model.get_submodule(name).register_forward_pre_hook(_ClampInput(*layer.input_range))
     return FloatModel(float_model, int8_layers, float_layers)
-
-
-class _ClampInput:
-    """Forward pre-hook clamping a layer's input to its grid's range.
-
-    The int8 kernels requantize outputs to the full ``0..255`` grid; a layer trained with a ``b < 8``-bit input
-    grid also needs the clamp at ``2**b - 1``. Clamping in float and quantizing with the same scale and zero
-    point is exactly the b-bit quantization.
-    """
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high = low, high
-
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (torch.clamp(args[0], self.low, self.high), *args[1:])
 
 
 # ---------------------------------------------------------------------------------------------- PT2E
@@ -221,16 +236,18 @@ def _quantizer(float_layer_names: Iterable[str]):  # type: ignore[no-untyped-def
     return quantizer
 
 
-def _trained_qparams_observer(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, per_channel: bool) -> nn.Module:
+def _trained_qparams_observer(scale: torch.Tensor, zero_point: torch.Tensor, per_channel: bool) -> nn.Module:
     """An observer whose ``calculate_qparams`` returns trained parameters instead of observed ones."""
     from torchao.quantization.pt2e.observer import ObserverBase
 
     class TrainedQParams(ObserverBase):
+        trained = True
+
         def __init__(self) -> None:
             super().__init__(dtype=torch.int8 if per_channel else torch.uint8)
             self.qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_affine
             self.ch_axis = 0
-            self.quant_min, self.quant_max = quant_range(bits, symmetric=per_channel)
+            self.quant_min, self.quant_max = quant_range(INT8_MAX_BITS, symmetric=per_channel)
             self.register_buffer("scale", scale.detach().float().clone())
             self.register_buffer("zero_point", zero_point.detach().to(torch.int64).clone())
 
@@ -269,8 +286,8 @@ def assign_trained_qparams(gm: torch.fx.GraphModule, layers: dict[str, IntegerLa
     """Give the observers of a prepared PT2E graph the trained scales; return the layers left unannotated.
 
     Weight observers get the folded per-channel scales. The observer of each layer's input, and every
-    observer upstream of it across grid-preserving ops (max-pool, flatten, our input clamp), gets the layer's
-    input scale and zero point; behind the clamp the grid is the full 8-bit one, in front of it the trained one.
+    observer upstream of it across grid-preserving ops (max-pool, flatten), gets the layer's input scale and
+    zero point on the full 8-bit grid (``narrow_inputs`` then clamps to a ``b < 8``-bit grid).
     """
     nodes = _layer_nodes(gm)
     assigned: set[int] = set()
@@ -280,27 +297,66 @@ def assign_trained_qparams(gm: torch.fx.GraphModule, layers: dict[str, IntegerLa
         if node is None or not (_is_observer(gm, node.args[0]) and _is_observer(gm, node.args[1])):
             missing.append(name)
             continue
-        weight_observer = gm.get_submodule(node.args[1].target)
-        _replace_observer(
-            gm, weight_observer, _trained_qparams_observer(layer.scale, torch.zeros_like(layer.scale), 8, True)
-        )
-        bits = layer.input_bits
+        weight_observer = _trained_qparams_observer(layer.scale, torch.zeros_like(layer.scale), per_channel=True)
+        _replace_observer(gm, gm.get_submodule(node.args[1].target), weight_observer)
         current = node.args[0]
         while current.op != "placeholder":
             if _is_observer(gm, current):
                 observer = gm.get_submodule(current.target)
                 if id(observer) not in assigned:
                     scale, zp = torch.tensor(layer.input_scale), torch.tensor(layer.input_zero_point)
-                    trained = _trained_qparams_observer(scale, zp, bits, False)
+                    trained = _trained_qparams_observer(scale, zp, per_channel=False)
                     _replace_observer(gm, observer, trained)
                     assigned.add(id(trained))
-            elif current.target in _GRID_PRESERVING_OPS:
-                if current.target is torch.ops.aten.clamp.default:
-                    bits = INT8_MAX_BITS
-            else:
+            elif current.target not in _GRID_PRESERVING_OPS:
                 break
             current = current.args[0]
+    _drop_observers_feeding_only_float(gm, set(nodes.values()) - {nodes[n] for n in layers if n in nodes})
     return missing
+
+
+def _drop_observers_feeding_only_float(gm: torch.fx.GraphModule, float_layer_nodes: set[torch.fx.Node]) -> None:
+    """Keep float the tensors that feed only float layers or the output, as they are in the fake-quant model.
+
+    The x86 quantizer quantizes e.g. every conv + ReLU output, whatever consumes it. An untrained observer
+    is kept only if the data flow from it reaches a trained observer or an int8 layer without passing a
+    float layer (for instance the residual branch of an add whose sum feeds int8 layers).
+    """
+    from torchao.quantization.pt2e.observer import PlaceholderObserver
+
+    def reaches_int8(node: torch.fx.Node, seen: set[torch.fx.Node]) -> bool:
+        for user in node.users:
+            if user in seen or user in float_layer_nodes:
+                continue
+            seen.add(user)
+            trained = _is_observer(gm, user) and getattr(gm.get_submodule(user.target), "trained", False)
+            if trained or user.target in _LAYER_OPS or reaches_int8(user, seen):
+                return True
+        return False
+
+    for node in gm.graph.nodes:
+        if not _is_observer(gm, node) or _is_observer(gm, node.args[0]):
+            continue
+        observer = gm.get_submodule(node.target)
+        if not getattr(observer, "trained", False) and not reaches_int8(node, set()):
+            _replace_observer(gm, observer, PlaceholderObserver(dtype=torch.float))
+
+
+def split_reused_module_calls(graph: torch.fx.Graph) -> None:
+    """Give each call of a module that runs more than once (torchvision's ``BasicBlock.relu``) its own name.
+
+    Export tags the second call's ``nn_module_stack`` entry with the same module name; torchao's quantizer
+    then merges both calls into one pattern and fails ("Input partition has more than one output node").
+    Renaming ``relu`` to ``relu@1`` for the second call (export's own key for it) keeps them apart.
+    """
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        key, (name, cls) = next(reversed(stack.items()))
+        call = key.rpartition("@")[2]
+        if "@" in key and call.isdigit():
+            node.meta["nn_module_stack"] = {**stack, key: (f"{name}@{call}", cls)}
 
 
 def lower_to_onednn(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
@@ -328,6 +384,36 @@ def lower_to_onednn(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor
             node.target = torch.ops.aten.reshape.default
     lowered.recompile()
     return lowered
+
+
+_ONEDNN_OPS = {
+    torch.ops.onednn.qconv_pointwise.default,
+    torch.ops.onednn.qconv2d_pointwise.binary,
+    torch.ops.onednn.qlinear_pointwise.default,
+}
+
+
+def narrow_inputs(lowered: torch.fx.GraphModule, layers: dict[str, IntegerLayer]) -> None:
+    """Clamp the uint8 input of each int8 kernel whose layer was trained on a ``b < 8``-bit input grid.
+
+    The graph quantizes with the trained scale and zero point on ``0..255``; ``clamp(q, 0, 2**b - 1)`` on the
+    codes is then exactly the b-bit quantization (quantizing is monotone). Kernels are matched to layers by
+    their input scale and zero point, which are the trained ones.
+    """
+    narrow = {
+        (layer.input_scale, layer.input_zero_point): 2**layer.input_bits - 1
+        for layer in layers.values()
+        if layer.input_bits < INT8_MAX_BITS
+    }
+    graph = lowered.graph
+    for node in list(graph.nodes):
+        grid = (node.args[1], node.args[2]) if node.target in _ONEDNN_OPS else None
+        if grid not in narrow:
+            continue
+        with graph.inserting_before(node):
+            clamped = graph.call_function(torch.ops.aten.clamp.default, (node.args[0], 0, narrow[grid]))
+        node.args = (clamped, *node.args[1:])
+    lowered.recompile()
 
 
 @dataclass
@@ -364,7 +450,9 @@ def to_int8_graph(
         for name, module in prepared_float.model.named_modules()
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in prepared_float.int8_layers
     ]
-    prepared = prepare_pt2e(_export(prepared_float.model, example_inputs).module(), _quantizer(float_names))
+    exported = _export(prepared_float.model, example_inputs).module()
+    split_reused_module_calls(exported.graph)
+    prepared = prepare_pt2e(exported, _quantizer(float_names))
     for name in assign_trained_qparams(prepared, prepared_float.int8_layers):
         prepared_float.float_layers[name] = "the x86 quantizer does not annotate it"
         prepared_float.int8_layers.pop(name)
@@ -374,6 +462,15 @@ def to_int8_graph(
             prepared(*batch)
     converted = convert_pt2e(prepared)
     lowered = lower_to_onednn(converted, example_inputs)
+    narrow_inputs(lowered, prepared_float.int8_layers)
     for name, reason in prepared_float.float_layers.items():
         rank_zero_warn(f"int8 conversion: layer `{name}` stays float ({reason}); it keeps its trained grid values.")
+    saturating = [name for name, layer in prepared_float.int8_layers.items() if may_saturate_without_vnni(layer)]
+    if saturating and not cpu_has_int8_dot_product():
+        rank_zero_warn(
+            "int8 conversion: this CPU has no VNNI/AMX, so oneDNN adds pairs of int8 products in 16 bits, which may "
+            f"saturate for 8-bit inputs x 8-bit weights ({len(saturating)} layers, e.g. `{saturating[0]}`): here "
+            "the int8 model may deviate from the fake-quant model (it is exact on CPUs with VNNI/AMX). For "
+            "bit-exact results on such CPUs train with `activation_bits=7` (torch's `reduce_range`) or 7-bit weights."
+        )
     return Int8Graph(lowered, prepared_float.int8_layers, prepared_float.float_layers)

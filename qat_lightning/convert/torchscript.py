@@ -7,6 +7,7 @@ quantize/dequantize steps become plain ATen arithmetic, so loading needs nothing
 """
 
 import operator
+import warnings
 
 import torch
 from torch import nn
@@ -18,6 +19,15 @@ _QCONV = torch.ops.onednn.qconv_pointwise.default
 _QCONV_ADD = torch.ops.onednn.qconv2d_pointwise.binary
 _QLINEAR = torch.ops.onednn.qlinear_pointwise.default
 _DROPPED = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+# Layers that stay float are also prepacked by inductor's freezing passes (for oneDNN / MKL float kernels).
+# (The freezing passes call some of them by their op packet, some by an overload: compare packets.)
+_MKLDNN_CONV = torch.ops.mkldnn._convolution_pointwise
+_MKL_LINEAR = torch.ops.mkl._mkl_linear if torch.backends.mkl.is_available() else None
+_FLOAT_PACKED = {_MKLDNN_CONV, _MKL_LINEAR} - {None}
+
+
+def _packet(target: object) -> object:
+    return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
 
 
 def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
@@ -387,12 +397,12 @@ class QLinear(nn.Module):
 
 
 def _constant(gm: torch.fx.GraphModule, arg: object) -> object:
-    """The value of a graph argument: the attribute a ``get_attr`` node names, else the argument itself."""
+    """The value of a graph argument: the attribute a ``get_attr`` node names (detached), else the argument."""
     if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
         value = gm
         for part in arg.target.split("."):
             value = getattr(value, part)
-        return value
+        return value.detach()
     return arg
 
 
@@ -437,6 +447,24 @@ def _runtime_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[nn.M
     raise NotImplementedError(f"no TorchScript runtime module for {node.target}")
 
 
+def _unpack_float_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Turn a prepacked float conv/linear back into ``aten.convolution`` / ``aten.linear`` with a plain weight."""
+    if _packet(node.target) is _MKL_LINEAR:
+        x, _, weight, bias, _ = node.args  # the op keeps the original weight next to the packed one
+        node.target, node.args = torch.ops.aten.linear, (x, weight, bias)
+        return
+    x, packed, bias, padding, stride, dilation, groups, post_op, *_ = node.args
+    if post_op != "none":
+        raise NotImplementedError(f"float convolution with fused {post_op!r}")
+    name = f"{node.name}_weight"
+    gm.register_buffer(name, _constant(gm, packed).to_dense())
+    with gm.graph.inserting_before(node):
+        weight = gm.graph.get_attr(name)
+    output_padding = [0] * len(padding)
+    node.target = torch.ops.aten.convolution
+    node.args = (x, weight, bias, stride, padding, dilation, False, output_padding, groups)
+
+
 def scriptable_graph_module(lowered: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite a lowered int8 graph so that ``torch.jit.script`` accepts it and its file is self-contained.
 
@@ -473,6 +501,8 @@ def scriptable_graph_module(lowered: torch.fx.GraphModule) -> torch.fx.GraphModu
             node.target, node.args = dequantize_uint8, node.args[:3]
         elif node.target in _DROPPED:
             graph.erase_node(node)
+        elif _packet(node.target) in _FLOAT_PACKED and node.target != _MKLDNN_CONV.binary:
+            _unpack_float_layer(gm, node)
         elif isinstance(node.target, torch._ops.OpOverload):
             node.target = node.target.overloadpacket
         elif node.target is not operator.getitem:
@@ -482,9 +512,47 @@ def scriptable_graph_module(lowered: torch.fx.GraphModule) -> torch.fx.GraphModu
     if isinstance(outputs, (tuple, list)) and len(outputs) == 1:
         output.args = (outputs[0],)
     graph.eliminate_dead_code()
-    return torch.fx.GraphModule(gm, graph)
+    scriptable = torch.fx.GraphModule(gm, graph)
+    _share_storage([m for m in scriptable.modules() if isinstance(m, (QConv, QConvAdd, QLinear))])
+    return scriptable
+
+
+def _share_storage(modules: list[nn.Module]) -> None:
+    """Make the modules' weights views of one int8 storage, and their scales and biases of one float storage.
+
+    TorchScript writes each storage as one archive record (~150 bytes of headers and alignment); sharing
+    saves that per tensor, which matters for small models (ResNet-20: 66 records -> 2).
+    """
+    for names, dtype in ((("weight",), torch.int8), (("weight_scale", "bias"), torch.float32)):
+        tensors = [(m, n, getattr(m, n)) for m in modules for n in names]
+        flat = torch.cat([t.reshape(-1).to(dtype) for _, _, t in tensors]) if tensors else None
+        offset = 0
+        for module, name, tensor in tensors:
+            setattr(module, name, flat[offset : offset + tensor.numel()].view(tensor.shape))
+            offset += tensor.numel()
+
+
+def save_script(module: torch.jit.ScriptModule, path: str) -> None:
+    """``torch.jit.save`` without its deprecation warning (see ``script_int8``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(module, path)
+
+
+def load_script(path: str) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` without its deprecation warning (see ``script_int8``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path)
 
 
 def script_int8(lowered: torch.fx.GraphModule) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` of ``scriptable_graph_module(lowered)`` in eval mode."""
-    return torch.jit.script(scriptable_graph_module(lowered).eval())
+    """``torch.jit.script`` of ``scriptable_graph_module(lowered)`` in eval mode.
+
+    TorchScript is deprecated in favour of ``torch.export``, but ``torch.export`` cannot save oneDNN's
+    prepacked weights (see docs/int8_backend.md); the deprecation warnings of this call are silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support")
+        return torch.jit.script(scriptable_graph_module(lowered).eval())
