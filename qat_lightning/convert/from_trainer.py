@@ -48,15 +48,16 @@ def convert_from_trainer(
     output_dir: str | Path | None = None,
     onnx: bool = False,
     calibration_batches: int = 4,
+    agreement_batches: int = 100,
 ) -> ConversionResult:
     """``convert_model`` the trainer's model and check the int8 file against it on the validation data.
 
     Example inputs: ``pl_module.example_input_array`` if set, else the first training batch (validation
     batch when there is no training dataloader, as after ``Trainer.validate``); up to
     ``calibration_batches`` of these batches calibrate the quantization points without trained scales.
-    The int8 file's predictions are compared with the fake-quant model's on the validation dataloader (when
-    there is one) and the agreement and both accuracies are logged (``int8/agreement``, ``int8/val_acc``,
-    ``int8/fake_quant_val_acc``).
+    The int8 file's predictions are compared with the fake-quant model's on (up to ``agreement_batches``
+    batches of) the validation dataloader, when there is one; the agreement and both accuracies are logged
+    as ``int8/agreement``, ``int8/val_acc`` and ``int8/fake_quant_val_acc``.
     """
     batches = _first_batches(trainer.train_dataloader or trainer.val_dataloaders, calibration_batches)
     if pl_module.example_input_array is not None:

@@ -11,20 +11,22 @@ supplies the quantization parameters itself:
 3. The model is exported and annotated by torchao's ``X86InductorQuantizer``. Observers in front of a trained
    layer are replaced by the layer's trained input scale and zero point (also across max-pool/flatten, whose
    output shares the input's grid); weight observers get the folded per-channel scales. Observers at points
-   the fake-quant model does not quantize (e.g. the branch of a residual add) are calibrated on example data.
+   the fake-quant model does not quantize are calibrated on example data where the int8 kernels need them
+   (the branches of a residual add) and removed where only float layers or the output consume the tensor.
 4. ``convert_pt2e`` + torch inductor's freezing passes fuse the Q/DQ graph into oneDNN int8 kernels, which
    requantize to the full ``0..255`` grid; a ``clamp`` on the uint8 codes in front of each kernel trained on a
    ``b < 8``-bit input grid narrows it back (``narrow_inputs``).
 
-Layers that the int8 kernels cannot run (weights or inputs wider than 8 bits, float inputs, an operator the
-quantizer does not annotate) stay float: their weights keep their trained grid values and their inputs keep
-their fake quantization, so the result still computes what the trained model computed.
+Layers that the int8 kernels cannot run (Conv1d/Conv3d, weights or inputs wider than 8 bits, float inputs)
+stay float: their weights keep their trained grid values and their inputs keep their fake quantization, so
+the result still computes what the trained model computed.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_
 from qat_lightning.quant import FakeQuantizer, quant_range
 
 INT8_MAX_BITS = 8
+INT8_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 # oneDNN's int8 kernels on AVX2 CPUs without VNNI add pairs of u8 x s8 products in 16 bits (vpmaddubsw).
 _INT16_MAX = 2**15 - 1
 _INT8_MIN, _INT8_MAX = quant_range(8, symmetric=True)
@@ -114,6 +117,8 @@ def may_saturate_without_vnni(layer: IntegerLayer) -> bool:
 def int8_unsupported_reason(layer: FakeQuantizedLayer) -> str | None:
     """Why the int8 kernels cannot run ``layer`` (``None`` if they can)."""
     wq, iq = layer.weight_quantizer, layer.input_quantizer
+    if not isinstance(layer, INT8_LAYER_TYPES):
+        return f"{layer.float_class.__name__}: the x86 int8 path covers Conv2d and Linear"
     if wq.config.bits > INT8_MAX_BITS:
         return f"{wq.config.bits}-bit weights"
     if not isinstance(iq, FakeQuantizer):
@@ -379,11 +384,48 @@ def lower_to_onednn(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor
     lowered.recompile()
     freezing_passes(lowered, example_inputs)
     constant_fold(lowered)
-    for node in lowered.graph.nodes:  # oneDNN returns channels-last tensors, which `view` cannot flatten
-        if node.target is torch.ops.aten.view.default:
+    for node in list(lowered.graph.nodes):
+        if node.target is torch.ops.aten.view.default:  # oneDNN returns channels-last tensors: `view` may fail
             node.target = torch.ops.aten.reshape.default
+        elif node.target is torch.ops.aten.max_pool2d_with_indices.default and _only_first_output_used(node):
+            (getitem,) = node.users  # indices are never used: plain max_pool2d skips computing them
+            node.target = torch.ops.aten.max_pool2d.default
+            getitem.replace_all_uses_with(node)
+            lowered.graph.erase_node(getitem)
     lowered.recompile()
     return lowered
+
+
+def _only_first_output_used(node: torch.fx.Node) -> bool:
+    return len(node.users) == 1 and all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+
+
+def pool_on_codes(lowered: torch.fx.GraphModule) -> None:
+    """Run max-pool and reshapes between a dequantize and a quantize with the same grid on the uint8 codes.
+
+    ``quantize(max_pool(dequantize(q)))`` equals ``max_pool(q)`` (quantizing is monotone and round-trips
+    exactly on its grid), so the two float passes and the float tensor in between are dropped.
+    """
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    on_codes = {torch.ops.aten.max_pool2d.default, torch.ops.aten.reshape.default}
+    graph = lowered.graph
+    for node in list(graph.nodes):
+        if node.target is not quantize or tuple(node.args[3:5]) != (0, 255):
+            continue
+        chain, current = [], node.args[0]
+        while isinstance(current, torch.fx.Node) and current.target in on_codes and len(current.users) == 1:
+            chain.append(current)
+            current = current.args[0]
+        if not chain or current.target is not dequantize or len(current.users) != 1:
+            continue
+        if tuple(current.args[1:5]) != tuple(node.args[1:5]):
+            continue
+        chain[-1].args = (current.args[0], *chain[-1].args[1:])
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        graph.erase_node(current)
+    lowered.recompile()
 
 
 _ONEDNN_OPS = {
@@ -454,7 +496,7 @@ def to_int8_graph(
     split_reused_module_calls(exported.graph)
     prepared = prepare_pt2e(exported, _quantizer(float_names))
     for name in assign_trained_qparams(prepared, prepared_float.int8_layers):
-        prepared_float.float_layers[name] = "the x86 quantizer does not annotate it"
+        prepared_float.float_layers[name] = "the x86 quantizer does not annotate it; its input stays float"
         prepared_float.int8_layers.pop(name)
     with torch.no_grad():
         prepared(*example_inputs)
@@ -462,6 +504,7 @@ def to_int8_graph(
             prepared(*batch)
     converted = convert_pt2e(prepared)
     lowered = lower_to_onednn(converted, example_inputs)
+    pool_on_codes(lowered)
     narrow_inputs(lowered, prepared_float.int8_layers)
     for name, reason in prepared_float.float_layers.items():
         rank_zero_warn(f"int8 conversion: layer `{name}` stays float ({reason}); it keeps its trained grid values.")

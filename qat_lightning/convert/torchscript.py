@@ -32,7 +32,7 @@ def _packet(target: object) -> object:
 
 def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, quant_min, quant_max)`` as uint8 (round half to even)."""
-    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max).to(torch.uint8)
+    return torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max).to(torch.uint8)
 
 
 def dequantize_uint8(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
