@@ -18,10 +18,10 @@ from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionResult",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
-    "ConversionResult",
     "ImageClassifier",
     "LayerPlan",
     "QuantizationCallback",

@@ -19,6 +19,7 @@ from torch import nn
 
 from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, convert_model
 from qat_lightning.convert import compare_predictions, load_packed_weights
+from qat_lightning.convert.cli import default_output_dir
 from qat_lightning.convert.cli import main as cli_main
 from qat_lightning.convert.int8 import cpu_has_int8_dot_product
 from qat_lightning.nn import apply_plan, fake_quantized_layers, plan_quantization
@@ -40,14 +41,14 @@ def _trainer(root: Path, callbacks: list, max_epochs: int) -> L.Trainer:
 
 @functools.cache
 def _train(bits: int, activation_bits: int, root: Path) -> SimpleNamespace:
-    """Digits CNN: 1 FP32 epoch, then QAT (BN frozen at epoch 2, observers at 3); converted at fit end."""
+    """Digits CNN: 1 FP32 epoch, then 3 of QAT (BN frozen at epoch 2, observers at 3); converted at fit end."""
     L.seed_everything(0)
     datamodule = DigitsDataModule(batch_size=64)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
     callback = QuantizationCallback(
         bits=bits, activation_bits=activation_bits, warmup_epochs=1, freeze_bn_epoch=2, freeze_observers_epoch=3
     )
-    trainer = _trainer(root / f"w{bits}a{activation_bits}", [callback], max_epochs=5)
+    trainer = _trainer(root / f"w{bits}a{activation_bits}", [callback], max_epochs=4)
     trainer.fit(model, datamodule)
     model.eval()
     quantized_dir = Path(trainer.log_dir) / "quantized"
@@ -162,6 +163,11 @@ def test_cli_converts_a_checkpoint(trained4, tmp_path) -> None:
         torch.testing.assert_close(int8(x), trained4.model(x), rtol=0, atol=1e-4)
 
 
+def test_cli_writes_next_to_the_run_by_default() -> None:
+    assert default_output_dir(Path("logs/version_3/checkpoints/last.ckpt")) == Path("logs/version_3/quantized")
+    assert default_output_dir(Path("models/qat.ckpt")) == Path("models/quantized")
+
+
 def _calibrated(model: nn.Module) -> nn.Module:
     model.train()
     with torch.no_grad():
@@ -257,10 +263,10 @@ class _DigitsResNet(nn.Module):
         super().__init__()
         from torchvision.models.resnet import BasicBlock, conv1x1
 
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        down = nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))
-        self.blocks = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 32, 2, down), BasicBlock(32, 32))
-        self.fc = nn.Linear(32, 10)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        down = nn.Sequential(conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+        self.blocks = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, 2, down), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
@@ -271,7 +277,9 @@ def test_residual_network_runs_on_int8_kernels_and_agrees(tmp_path) -> None:
     L.seed_everything(0)
     datamodule = DigitsDataModule(batch_size=64)
     model = ImageClassifier(_DigitsResNet(), lr=3e-3)
-    callback = QuantizationCallback(bits=4, warmup_epochs=1, freeze_bn_epoch=2, freeze_observers_epoch=3)
+    callback = QuantizationCallback(
+        bits=4, warmup_epochs=1, freeze_bn_epoch=2, freeze_observers_epoch=3, convert_on_fit_end=False
+    )
     _trainer(tmp_path, [callback], max_epochs=4).fit(model, datamodule)
     model.eval()
 

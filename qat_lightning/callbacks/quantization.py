@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
     LayerPlan,
     apply_plan,
@@ -234,8 +235,6 @@ class QuantizationCallback(Callback):
         if not is_prepared(pl_module):
             rank_zero_info("QuantizationCallback: fit ended before fake quantization started; nothing to convert.")
             return
-        from qat_lightning.convert.from_trainer import convert_from_trainer
-
         try:
             convert_from_trainer(trainer, pl_module, self.convert_dir, onnx=self.export_onnx)
         except Exception as err:  # the trained model must survive any conversion failure

@@ -415,34 +415,62 @@ def _unpacked(packed: torch.Tensor) -> torch.Tensor:
     return packed.to_dense()
 
 
+def _call_args(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, object]:
+    """A call's arguments by their schema names, ``get_attr`` constants resolved to their values."""
+    names = [argument.name for argument in node.target._schema.arguments][: len(node.args)]
+    pairs = [*zip(names, node.args, strict=True), *node.kwargs.items()]
+    return {name: _constant(gm, value) for name, value in pairs}
+
+
 def _runtime_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[nn.Module, tuple[torch.fx.Node, ...]]:
     """The scripted module replacing one oneDNN call, and the call's dynamic inputs."""
-    a = [_constant(gm, arg) for arg in node.args]
-    bias = a[6] if a[6] is not None else torch.zeros(a[4].numel())
+    a = _call_args(gm, node)
+    weight_scale = a["w_scale"]
+    bias = a["bias"] if a["bias"] is not None else torch.zeros(weight_scale.numel())
+    common = {
+        "weight_scale": weight_scale,
+        "bias": bias,
+        "input_scale": a["x_scale"],
+        "input_zero_point": a["x_zero_point"],
+        "output_scale": a["output_scale"],
+        "output_zero_point": a["output_zero_point"],
+        "output_dtype": a["output_dtype"],
+    }
+    conv = {"stride": a.get("stride"), "padding": a.get("padding"), "dilation": a.get("dilation")}
     if node.target is _QCONV:
-        module = QConv(_unpacked(a[3]), a[4], bias, a[1], a[2], *a[7:14], a[14], _floats(a[15]), a[16] or "")
+        module = QConv(
+            _unpacked(a["qw"]),
+            **common,
+            **conv,
+            groups=a["groups"],
+            post_op=a["attr"],
+            post_op_scalars=_floats(a["scalars"]),
+            post_op_algorithm=a["algorithm"] or "",
+        )
         return module, (node.args[0],)
     if node.target is _QCONV_ADD:
-        bias = a[7] if a[7] is not None else torch.zeros(a[4].numel())
         module = QConvAdd(
-            _unpacked(a[3]),
-            a[4],
-            bias,
-            a[1],
-            a[2],
-            *a[8:15],
-            a[15],
-            a[16],
-            a[17],
-            float(a[18]),
-            a[19],
-            _floats(a[20]),
-            a[21],
+            _unpacked(a["qw"]),
+            **common,
+            **conv,
+            groups=a["groups"],
+            accum_scale=a["accum_scale"],
+            accum_zero_point=a["accum_zero_point"],
+            binary_post_op=a["binary_attr"],
+            alpha=float(a["alpha"]),
+            unary_post_op=a["unary_attr"],
+            unary_post_op_scalars=_floats(a["unary_scalars"]),
+            unary_post_op_algorithm=a["unary_algorithm"],
         )
         return module, (node.args[0], node.args[6])
     if node.target is _QLINEAR:
-        weight = _unpacked(a[3]).t().contiguous()
-        module = QLinear(weight, a[4], bias, a[1], a[2], a[7], a[8], a[9], a[10], _floats(a[11]), a[12] or "")
+        module = QLinear(
+            _unpacked(a["qw"]).t().contiguous(),  # the prepacked linear weight is (C_in, C_out)
+            **common,
+            post_op=a["post_op_name"],
+            post_op_scalars=_floats(a["post_op_args"]),
+            post_op_algorithm=a["post_op_algorithm"] or "",
+        )
         return module, (node.args[0],)
     raise NotImplementedError(f"no TorchScript runtime module for {node.target}")
 
