@@ -3,6 +3,7 @@
 from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
 from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks import BitWidthMetrics, QuantizationCallback, WeightHistograms, WeightNormalization
+from qat_lightning.convert import ConversionResult, convert_model, load_packed_weights, save_packed_weights
 from qat_lightning.data import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -44,6 +45,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CifarResNet",
     "BitWidthMetrics",
+    "ConversionResult",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
@@ -63,12 +65,14 @@ __all__ = [
     "__version__",
     "apply_plan",
     "calibrate",
+    "convert_model",
     "fake_quantized_layers",
     "format_sensitivity",
     "is_prepared",
     "layer_sensitivity",
     "load_weights",
     "mobilenet_v2",
+    "load_packed_weights",
     "plan_quantization",
     "resnet18",
     "resnet20",
@@ -81,4 +85,5 @@ __all__ = [
     "remove_weight_norm",
     "restore_float",
     "sqnr_db",
+    "save_packed_weights",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks.optimizers import give_parameters_own_group
+from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
     LayerPlan,
     apply_plan,
@@ -26,6 +29,8 @@ from qat_lightning.nn import (
 )
 from qat_lightning.quant import check_bits
 from qat_lightning.quant.config import ObserverName
+
+log = logging.getLogger(__name__)
 
 # torchvision's QAT recipe: BN statistics frozen 3 epochs, observers 4 epochs after fake quant starts.
 BN_FREEZE_DELAY_EPOCHS = 3
@@ -97,6 +102,10 @@ class QuantizationCallback(Callback):
        optimizer and its state carry on. The model's ``forward`` is not touched.
     3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
     4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
+    5. At fit end (``convert_on_fit_end``), on rank zero: BatchNorm is folded and the model is converted to an
+       int8 TorchScript file (oneDNN int8 kernels, ``torch.jit.load(path)`` runs it) plus a packed low-bit
+       weight file, in ``<log_dir>/quantized`` (see ``qat_lightning.convert``). A failed conversion is
+       logged as an error; the trained model and its checkpoints are left as they are.
 
     Set a freeze epoch beyond ``max_epochs`` to never freeze. Schedules may be given in optimizer steps
     instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
@@ -125,6 +134,9 @@ class QuantizationCallback(Callback):
             ``predict_step(batch, batch_idx)``.
         calibration_batches: batches observed in PTQ mode.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
+        convert_on_fit_end: write the int8 model (and packed weights) when ``fit`` ends.
+        convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
+        export_onnx: also write an ONNX QDQ file at fit end (needs the ``onnx`` extra).
 
     Example::
 
@@ -150,6 +162,9 @@ class QuantizationCallback(Callback):
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
         monitor: str = "val/acc",
+        convert_on_fit_end: bool = True,
+        convert_dir: str | Path | None = None,
+        export_onnx: bool = False,
     ) -> None:
         if mode not in ("qat", "ptq"):
             raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
@@ -197,6 +212,9 @@ class QuantizationCallback(Callback):
             "activation_observer": activation_observer or ("mse" if mode == "ptq" else "moving_average"),
         }
         self.monitor = monitor
+        self.convert_on_fit_end = convert_on_fit_end
+        self.convert_dir = convert_dir
+        self.export_onnx = export_onnx
         self.plan: list[LayerPlan] = []
         self.quantized = False
         self.bn_frozen = False
@@ -316,11 +334,28 @@ class QuantizationCallback(Callback):
                 f"{self.bits}-bit PTQ validation accuracy {fmt(self.quantized_score)} (predict_step argmax vs "
                 "targets; run trainer.validate/test for every metric)"
             )
+        else:
+            rank_zero_info(
+                f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
+                f"{self.bits}-bit QAT phase {fmt(self.quantized_score)} (last validation of each phase)"
+            )
+        if self.convert_on_fit_end and trainer.is_global_zero:
+            self._convert(trainer, pl_module)
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not is_prepared(pl_module):
+            rank_zero_info("QuantizationCallback: fit ended before fake quantization started; nothing to convert.")
             return
-        rank_zero_info(
-            f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
-            f"{self.bits}-bit QAT phase {fmt(self.quantized_score)} (last validation of each phase)"
-        )
+        try:
+            convert_from_trainer(trainer, pl_module, self.convert_dir, onnx=self.export_onnx)
+        except Exception as err:  # the trained model must survive any conversion failure
+            log.error(
+                "QuantizationCallback: int8 conversion failed (%s: %s). The trained model and its checkpoints are "
+                "unchanged; convert a checkpoint later with `python -m qat_lightning.convert`.",
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
 
     # ------------------------------------------------------------------ phase changes
 

@@ -1,0 +1,3 @@
+from qat_lightning.convert.cli import main
+
+main()

@@ -1,0 +1,198 @@
+"""``convert_model``: one call from a trained fake-quant model to its deployable files, checked against the model.
+
+Files written to ``output_dir`` (each written to a temporary name first and renamed when complete, so a
+failure never leaves a half-written file and never touches anything else):
+
+- ``<name>_int8.pt``: TorchScript, oneDNN int8 kernels; ``torch.jit.load(path)`` runs it, no training code.
+- ``<name>_w<bits>.packed.pt``: packed low-bit weights (``load_packed_weights``).
+- ``<name>_qdq.onnx`` (``onnx=True``): ONNX QDQ model for ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat_lightning.convert.int8 import to_int8_graph
+from qat_lightning.convert.packing import save_packed_weights
+from qat_lightning.convert.torchscript import load_script, save_script, script_int8
+from qat_lightning.nn import fake_quantized_layers, is_prepared
+
+log = logging.getLogger(__name__)
+
+Inputs = Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Predictions (arg-max over dim 1) of a converted model against those of its reference.
+
+    Attributes:
+        agreement: fraction of samples where both predict the same class.
+        reference_accuracy, candidate_accuracy: accuracies when labels were given, else ``None``.
+        samples: number of samples compared.
+    """
+
+    agreement: float
+    reference_accuracy: float | None
+    candidate_accuracy: float | None
+    samples: int
+
+
+@dataclass
+class ConversionResult:
+    """What ``convert_model`` wrote and how closely the int8 file follows the fake-quant model.
+
+    Attributes:
+        int8_path, packed_path, onnx_path: the files (``None`` when not written).
+        sizes: file size in bytes per written path.
+        int8_layers: layers that run on int8 kernels.
+        float_layers: layers that stay float, with the reason.
+        max_abs_diff: largest absolute output difference, int8 file vs fake-quant model, on the example batch
+            (``nan`` for models that do not return a single tensor).
+        agreement: predictions of the int8 file vs the fake-quant model on validation data, when measured
+            (``convert_from_trainer`` does).
+    """
+
+    int8_path: Path
+    packed_path: Path | None = None
+    onnx_path: Path | None = None
+    sizes: dict[Path, int] = field(default_factory=dict)
+    int8_layers: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)
+    max_abs_diff: float = float("nan")
+    agreement: Agreement | None = None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> int:
+    """Run ``write(tmp)`` then rename ``tmp`` to ``path``; return the size. ``tmp`` is removed on failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def _max_bits(model: nn.Module) -> int:
+    return max(layer.weight_quantizer.config.bits for _, layer in fake_quantized_layers(model))
+
+
+def _outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def convert_model(
+    model: nn.Module,
+    example_inputs: Inputs,
+    output_dir: str | Path,
+    *,
+    calibration_inputs: Iterable[Inputs] = (),
+    name: str = "model",
+    packed: bool = True,
+    onnx: bool = False,
+) -> ConversionResult:
+    """Convert a trained fake-quant ``model`` into an int8 TorchScript file (and packed / ONNX files).
+
+    ``model`` is only read: the conversion works on a CPU deep copy, BatchNorm folded, with the trained
+    scales (see ``qat_lightning.convert.int8``). The written int8 file is loaded back and run on
+    ``example_inputs`` before ``convert_model`` returns.
+
+    Args:
+        model: a model with fake-quantized layers (``QuantizationCallback`` after warmup, or ``apply_plan``).
+        example_inputs: one batch of ``model``'s positional inputs (its batch dimension becomes dynamic).
+        output_dir: directory for the files (created if missing).
+        calibration_inputs: more batches, used only for the few quantization points that the fake-quant
+            model does not have (for instance the branches of a residual add).
+        name: file name stem.
+        packed: also write the packed low-bit weight file.
+        onnx: also write an ONNX QDQ file (needs the ``onnx`` extra).
+
+    Returns:
+        ``ConversionResult`` with the paths, sizes and per-layer outcome.
+
+    Raises:
+        ValueError: ``model`` has no fake-quantized layer or ``example_inputs`` is not a sequence of tensors.
+    """
+    if not is_prepared(model):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no fake-quantized layer: train it with QuantizationCallback "
+            "(past its warmup) or prepare it with `apply_plan` before converting."
+        )
+    if isinstance(example_inputs, torch.Tensor) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise ValueError("`example_inputs` must be a tuple of tensors (the model's positional inputs), e.g. `(x,)`.")
+    example_inputs = tuple(x.detach().cpu() for x in example_inputs)
+    calibration = [tuple(x.detach().cpu() for x in batch) for batch in calibration_inputs]
+    reference = copy.deepcopy(model).cpu().eval()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    graph = to_int8_graph(reference, example_inputs, calibration)
+    scripted = script_int8(graph.graph_module)
+    result = ConversionResult(
+        int8_path=output_dir / f"{name}_int8.pt",
+        int8_layers=sorted(graph.int8_layers),
+        float_layers=dict(graph.float_layers),
+    )
+    result.sizes[result.int8_path] = _atomic_write(result.int8_path, lambda p: save_script(scripted, str(p)))
+    loaded_out = _outputs(load_script(str(result.int8_path)), example_inputs)
+    reference_out = _outputs(reference, example_inputs)
+    if isinstance(loaded_out, torch.Tensor) and isinstance(reference_out, torch.Tensor):
+        result.max_abs_diff = float((loaded_out - reference_out).abs().max())
+
+    if packed:
+        result.packed_path = output_dir / f"{name}_w{_max_bits(reference)}.packed.pt"
+        result.sizes[result.packed_path] = _atomic_write(
+            result.packed_path, lambda p: save_packed_weights(reference, p)
+        )
+    if onnx:
+        from qat_lightning.convert.onnx_export import export_onnx_qdq
+
+        result.onnx_path = output_dir / f"{name}_qdq.onnx"
+        result.sizes[result.onnx_path] = _atomic_write(
+            result.onnx_path, lambda p: export_onnx_qdq(reference, example_inputs, p)
+        )
+    for path, size in result.sizes.items():
+        log.info("qat-lightning convert: wrote %s (%.1f kB)", path, size / 1e3)
+    return result
+
+
+def compare_predictions(
+    reference: Callable[..., torch.Tensor],
+    candidate: Callable[..., torch.Tensor],
+    batches: Iterable[tuple[Inputs, torch.Tensor | None]],
+) -> Agreement:
+    """How often ``candidate`` predicts the same class as ``reference`` (and both accuracies, given labels).
+
+    Args:
+        reference, candidate: callables mapping a batch's inputs to ``(N, classes)`` logits.
+        batches: ``(inputs, labels)`` pairs; ``labels`` may be ``None``.
+    """
+    same = total = ref_correct = cand_correct = labelled = 0
+    with torch.no_grad():
+        for inputs, labels in batches:
+            ref = reference(*inputs).argmax(dim=1)
+            cand = candidate(*inputs).argmax(dim=1)
+            same += int((ref == cand).sum())
+            total += len(ref)
+            if labels is not None:
+                ref_correct += int((ref == labels).sum())
+                cand_correct += int((cand == labels).sum())
+                labelled += len(labels)
+    if total == 0:
+        raise ValueError("`batches` is empty: nothing to compare.")
+    return Agreement(
+        agreement=same / total,
+        reference_accuracy=ref_correct / labelled if labelled else None,
+        candidate_accuracy=cand_correct / labelled if labelled else None,
+        samples=total,
+    )
