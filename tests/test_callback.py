@@ -423,7 +423,7 @@ class MaskedRegressor(pl.LightningModule):
 
 def test_forward_with_several_inputs_and_keywords(trainer_kwargs):
     module = MaskedRegressor()
-    callback = QuantizationCallback(bits=8, warmup_epochs=1)
+    callback = QuantizationCallback(bits=8, warmup_epochs=1, convert_on_fit_end=False)
     trainer = pl.Trainer(max_epochs=3, callbacks=[callback], **trainer_kwargs)
     trainer.fit(module)
     assert is_prepared(module) and callback.quantized

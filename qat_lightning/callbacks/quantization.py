@@ -113,15 +113,16 @@ class QuantizationCallback(Callback):
 
     Args:
         bits: weight bit width, 2..16.
-        activation_bits: bit width of layer inputs (``None``: same as ``bits``; ``0``: keep them float).
+        activation_bits: bit width of layer inputs (``None``: same as the layer's weight bits, but 7 for 8-bit
+            layers, torch's x86 ``reduce_range`` default that keeps int8 kernels exact; ``0``: keep them float).
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
         freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
         freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
-        first_last_bits: bits of the first and last quantizable layer, weights and inputs (8, the common
-            practice of low-bit papers; ``None``: like the other layers).
+        first_last_bits: bits of the first and last quantizable layer (8, the common practice of low-bit papers,
+            with 7-bit inputs; ``None``: like the other layers).
         layer_bits: ``{glob pattern: bits}`` overrides by layer name, e.g. ``{"features.0": 8, "classifier.*": 8}``.
         learned_scale: LSQ learned step sizes (``True``), observed ranges (``False``), or LSQ for quantizers at
             4 bits or fewer (``None``, the default).

@@ -4,7 +4,8 @@ Files written to ``output_dir`` (each written to a temporary name first and rena
 failure never leaves a half-written file and never touches anything else):
 
 - ``<name>_int8.pt``: TorchScript, oneDNN int8 kernels; ``torch.jit.load(path)`` runs it, no training code.
-- ``<name>_w<bits>.packed.pt``: packed low-bit weights (``load_packed_weights``).
+- ``<name>_w<bits>.packed.pt``: packed low-bit weights (``load_packed_weights``); ``<bits>`` is the narrowest
+  layer's width, each layer is packed at its own.
 - ``<name>_qdq.onnx`` (``onnx=True``): ONNX QDQ model for ONNX Runtime.
 """
 
@@ -82,8 +83,9 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> int:
     return path.stat().st_size
 
 
-def _max_bits(model: nn.Module) -> int:
-    return max(layer.weight_quantizer.config.bits for _, layer in fake_quantized_layers(model))
+def _lowest_bits(model: nn.Module) -> int:
+    """The narrowest weight grid of the model (its 8-bit first/last layers are packed at 8 bits inside)."""
+    return min(layer.weight_quantizer.config.bits for _, layer in fake_quantized_layers(model))
 
 
 def _outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
@@ -150,7 +152,7 @@ def convert_model(
         result.max_abs_diff = float((loaded_out - reference_out).abs().max())
 
     if packed:
-        result.packed_path = output_dir / f"{name}_w{_max_bits(reference)}.packed.pt"
+        result.packed_path = output_dir / f"{name}_w{_lowest_bits(reference)}.packed.pt"
         result.sizes[result.packed_path] = _atomic_write(
             result.packed_path, lambda p: save_packed_weights(reference, p)
         )

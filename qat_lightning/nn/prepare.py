@@ -55,6 +55,15 @@ def _resolve_bits(
     return resolved
 
 
+def _input_bits(weight_bits: int) -> int:
+    """Default input width of a layer: its weight width, but 7 bits for 8-bit layers.
+
+    Like torch's x86 QAT default (``reduce_range``): oneDNN's int8 kernels on CPUs without VNNI/AMX add pairs of
+    8-bit x 8-bit products in 16 bits and can saturate; 7-bit inputs never do, so the int8 model stays exact.
+    """
+    return 7 if weight_bits == 8 else weight_bits
+
+
 def plan_quantization(
     model: nn.Module,
     bits: int,
@@ -72,7 +81,8 @@ def plan_quantization(
 
     Args:
         bits: weight bit width of every layer unless overridden.
-        activation_bits: input bit width (``None``: the layer's weight bits; ``0``: inputs stay float).
+        activation_bits: input bit width (``None``: the layer's weight bits, 7 for 8-bit layers as in torch's x86
+            default; ``0``: inputs stay float).
         exclude: glob patterns of layer names that stay float.
         first_last_bits: bit width of the first and the last quantizable layer (module definition order),
             weights and inputs; ``None`` treats them like the others.
@@ -96,7 +106,7 @@ def plan_quantization(
     plan = []
     for name, module in layers:
         w_bits = resolved[name]
-        a_bits = activation_bits if activation_bits is not None and name not in overridden else w_bits
+        a_bits = activation_bits if activation_bits is not None and name not in overridden else _input_bits(w_bits)
         plan.append(
             LayerPlan(
                 name=name,
