@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
+from qat_lightning.convert.torchscript import ONEDNN_INT8_OPS
 from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
 from qat_lightning.quant import FakeQuantizer, quant_range
 
@@ -428,13 +429,6 @@ def pool_on_codes(lowered: torch.fx.GraphModule) -> None:
     lowered.recompile()
 
 
-_ONEDNN_OPS = {
-    torch.ops.onednn.qconv_pointwise.default,
-    torch.ops.onednn.qconv2d_pointwise.binary,
-    torch.ops.onednn.qlinear_pointwise.default,
-}
-
-
 def narrow_inputs(lowered: torch.fx.GraphModule, layers: dict[str, IntegerLayer]) -> None:
     """Clamp the uint8 input of each int8 kernel whose layer was trained on a ``b < 8``-bit input grid.
 
@@ -449,7 +443,7 @@ def narrow_inputs(lowered: torch.fx.GraphModule, layers: dict[str, IntegerLayer]
     }
     graph = lowered.graph
     for node in list(graph.nodes):
-        grid = (node.args[1], node.args[2]) if node.target in _ONEDNN_OPS else None
+        grid = (node.args[1], node.args[2]) if node.target in ONEDNN_INT8_OPS else None
         if grid not in narrow:
             continue
         with graph.inserting_before(node):

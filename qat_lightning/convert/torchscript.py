@@ -15,14 +15,22 @@ from torch import nn
 # TorchScript's type for an ATen ``Scalar`` argument.
 Number = int | float | complex
 
-_QCONV = torch.ops.onednn.qconv_pointwise.default
-_QCONV_ADD = torch.ops.onednn.qconv2d_pointwise.binary
-_QLINEAR = torch.ops.onednn.qlinear_pointwise.default
+
+def _op(namespace: str, name: str, overload: str | None = None) -> object:
+    """``torch.ops.<namespace>.<name>[.<overload>]``, or ``None`` where this torch build lacks it (no oneDNN/MKL)."""
+    packet = getattr(getattr(torch.ops, namespace), name, None)
+    return packet if packet is None or overload is None else getattr(packet, overload)
+
+
+_QCONV = _op("onednn", "qconv_pointwise", "default")
+_QCONV_ADD = _op("onednn", "qconv2d_pointwise", "binary")
+_QLINEAR = _op("onednn", "qlinear_pointwise", "default")
+ONEDNN_INT8_OPS = frozenset({_QCONV, _QCONV_ADD, _QLINEAR} - {None})
 _DROPPED = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
 # Layers that stay float are also prepacked by inductor's freezing passes (for oneDNN / MKL float kernels).
 # (The freezing passes call some of them by their op packet, some by an overload: compare packets.)
-_MKLDNN_CONV = torch.ops.mkldnn._convolution_pointwise
-_MKL_LINEAR = torch.ops.mkl._mkl_linear if torch.backends.mkl.is_available() else None
+_MKLDNN_CONV = _op("mkldnn", "_convolution_pointwise")
+_MKL_LINEAR = _op("mkl", "_mkl_linear")
 _FLOAT_PACKED = {_MKLDNN_CONV, _MKL_LINEAR} - {None}
 
 
@@ -511,7 +519,7 @@ def scriptable_graph_module(lowered: torch.fx.GraphModule) -> torch.fx.GraphModu
             graph.erase_node(node)
         elif node.op != "call_function":
             continue
-        elif node.target in (_QCONV, _QCONV_ADD, _QLINEAR):
+        elif node.target in ONEDNN_INT8_OPS:
             module, inputs = _runtime_module(gm, node)
             name = f"{'linear' if node.target is _QLINEAR else 'conv'}{count}"
             count += 1
@@ -529,7 +537,7 @@ def scriptable_graph_module(lowered: torch.fx.GraphModule) -> torch.fx.GraphModu
             node.target, node.args = dequantize_uint8, node.args[:3]
         elif node.target in _DROPPED:
             graph.erase_node(node)
-        elif _packet(node.target) in _FLOAT_PACKED and node.target != _MKLDNN_CONV.binary:
+        elif _packet(node.target) in _FLOAT_PACKED and node.target != getattr(_MKLDNN_CONV, "binary", None):
             _unpack_float_layer(gm, node)
         elif isinstance(node.target, torch._ops.OpOverload):
             node.target = node.target.overloadpacket
