@@ -1,5 +1,5 @@
 """Diagnostics that help choose bit widths: per-layer sensitivity."""
 
-from qat_lightning.analysis.sensitivity import LayerSensitivity, format_sensitivity, layer_sensitivity, sqnr_db
+from qat_lightning.analysis.sensitivity import LayerSensitivity, format_sensitivity, layer_sensitivity
 
-__all__ = ["LayerSensitivity", "format_sensitivity", "layer_sensitivity", "sqnr_db"]
+__all__ = ["LayerSensitivity", "format_sensitivity", "layer_sensitivity"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from qat_lightning.calibration import calibrate
 from qat_lightning.nn import apply_plan, plan_quantization
+from qat_lightning.quant import sqnr_db
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -32,13 +32,6 @@ class LayerSensitivity:
     sqnr_db: float
     accuracy: float
     accuracy_drop: float
-
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """``10 * log10(sum(reference**2) / sum((reference - approximation)**2))`` in dB; ``inf`` if equal."""
-    noise = (reference.double() - approximation.double()).pow(2).sum().item()
-    signal = reference.double().pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -80,7 +73,7 @@ def layer_sensitivity(
         calibrate(candidate, calibration, lambda batch, i, m=candidate: run(m, batch[0]), len(calibration))
         logits = _logits(candidate, evaluation, run)
         acc = (logits.argmax(1) == targets).float().mean().item()
-        results.append(LayerSensitivity(layer.name, bits, sqnr_db(ref_logits, logits), acc, float_acc - acc))
+        results.append(LayerSensitivity(layer.name, bits, float(sqnr_db(ref_logits, logits)), acc, float_acc - acc))
     return sorted(results, key=lambda r: r.sqnr_db)
 
 
