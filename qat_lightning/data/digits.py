@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from qat_lightning.data.vision import VisionDataModule
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(VisionDataModule):
     """The UCI 8x8 digits shipped inside scikit-learn, as ``(N, 1, 8, 8)`` float images and int64 labels.
 
     Pixels (0..16) are standardised with the training split's mean and standard deviation. The split is
@@ -26,15 +27,11 @@ class DigitsDataModule(pl.LightningDataModule):
     def __init__(
         self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 0.5:
                 raise ValueError(f"`{name}` must be in (0, 0.5), got {value!r}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -50,18 +47,3 @@ class DigitsDataModule(pl.LightningDataModule):
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         mean, std = x[parts["train"]].mean(), x[parts["train"]].std()
         self.splits = {name: TensorDataset((x[idx] - mean) / std, y[idx]) for name, idx in parts.items()}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
