@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, weight_config
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, quant_range, weight_config
 
 
 def _calibrated(config: QuantizerConfig, x: torch.Tensor, num_channels: int = 1) -> FakeQuantizer:
@@ -125,3 +125,22 @@ def test_state_dict_round_trip_restores_calibrated(config, channels):
 def test_extra_repr_describes_the_config():
     text = repr(FakeQuantizer(weight_config(3), num_channels=4))
     assert "bits=3" in text and "symmetric" in text and "per_channel" in text
+
+
+@pytest.mark.parametrize("learned_scale", [False, True])
+def test_called_twice_before_backward_uses_each_calls_parameters(learned_scale):
+    """A layer used twice per step: the second call updates the observer's scale in place, and the first call's
+    backward still uses the scale and zero point of the first call."""
+    q = FakeQuantizer(QuantizerConfig(bits=4, observer="minmax", learned_scale=learned_scale))
+    q.train()
+    x1 = torch.linspace(-1.0, 1.0, 41).requires_grad_(True)
+    out1 = q(x1)
+    scale1, zero_point1 = q.scale.detach().clone(), q.zero_point.clone()
+    x2 = torch.linspace(-3.0, 3.0, 41).requires_grad_(True)
+    out2 = q(x2)
+    if not learned_scale:
+        assert q.scale.item() > scale1.item()  # the wider second batch moved the shared scale
+    (out1.sum() + out2.sum()).backward()
+    qmin, qmax = quant_range(4, False)
+    codes = torch.round(x1.detach() * torch.reciprocal(scale1)) + zero_point1
+    assert torch.equal(x1.grad, ((codes >= qmin) & (codes <= qmax)).float())

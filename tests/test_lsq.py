@@ -13,15 +13,16 @@ from qat_lightning.quant import FakeQuantizer, QuantizerConfig, quant_range
 
 
 def lsq_scale_grad(x: np.ndarray, scale: float, zero_point: int, qmin: int, qmax: int, grad_out: np.ndarray):
-    """Independent LSQ gradient of sum(grad_out * fq(x)) w.r.t. the step size (Esser et al. 2020, eq. 3).
+    """Independent LSQ gradient of sum(grad_out * fq(x)) w.r.t. the step size (Esser et al. 2020, eq. 3), in float64.
 
-    As in PyTorch's kernel, a value counts as inside the range when its rounded code is on the grid, and
-    ``x / scale`` is computed as ``x * (1 / scale)`` in float32 (it decides ties for the largest value).
+    As in the forward pass of PyTorch's kernels, a value counts as inside the range when its rounded code
+    ``round(x / scale) + zero_point`` is on the grid, and ``x / scale`` is ``x * (1 / scale)`` in float32.
     """
-    v = x.astype(np.float32) * np.float32(1.0 / np.float32(scale)) + zero_point
-    inside = (np.round(v) >= qmin) & (np.round(v) <= qmax)
-    d = np.where(inside, np.round(v) - v, np.where(v < qmin, qmin - zero_point, qmax - zero_point))
-    return float((d * grad_out).sum())
+    v = (x.astype(np.float32) * (np.float32(1.0) / np.float32(scale))).astype(np.float64)
+    code = np.round(v) + zero_point
+    inside = (code >= qmin) & (code <= qmax)
+    d = np.where(inside, np.round(v) - v, np.where(code < qmin, qmin - zero_point, qmax - zero_point))
+    return float((d * grad_out.astype(np.float64)).sum())
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(2, True), (4, True), (3, False), (8, False)])

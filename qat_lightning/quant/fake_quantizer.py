@@ -1,4 +1,4 @@
-"""``FakeQuantizer``: a thin module built from a ``QuantizerConfig`` (observer + fused fake-quant kernel)."""
+"""``FakeQuantizer``: a thin module built from a ``QuantizerConfig`` (observer + differentiable fake quantization)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
 from qat_lightning.quant.observers import build_observer
-from qat_lightning.quant.primitives import EPS, fake_quantize, quant_range, quantize
+from qat_lightning.quant.primitives import EPS, broadcast_along, quant_range, quantize
+from qat_lightning.quant.straight_through import fake_quantize_lsq, fake_quantize_ste
 
 
 class FakeQuantizer(nn.Module):
@@ -23,8 +24,8 @@ class FakeQuantizer(nn.Module):
 
     With ``config.learned_scale`` (LSQ), ``scale`` is an ``nn.Parameter`` set from the observer on the first
     training batch and then learned: its gradient is the LSQ gradient scaled by
-    ``1 / sqrt(elements_per_scale * qmax)`` (Esser et al., 2020), computed by PyTorch's fused learnable
-    fake-quant kernels. The zero point stays as observed.
+    ``1 / sqrt(elements_per_scale * qmax)`` (Esser et al., 2020), the gradient of PyTorch's learnable
+    fake-quant kernels (computed by ``straight_through.fake_quantize_lsq``). The zero point stays as observed.
 
     Args:
         config: bits, scheme, granularity, observer and whether the scale is learned.
@@ -47,6 +48,7 @@ class FakeQuantizer(nn.Module):
         self.observer_enabled = True
         self.fake_quant_enabled = True
         self._calibrated = False
+        self._quant_range = quant_range(config.bits, config.symmetric)
 
     @property
     def axis(self) -> int | None:
@@ -60,31 +62,21 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observer_enabled and not (self.config.learned_scale and self._calibrated):
-            self.observer(x)
-            scale, zero_point = self.observer.qparams()
             with torch.no_grad():
+                self.observer(x)
+                scale, zero_point = self.observer.qparams()
                 self.scale.copy_(scale)
                 self.zero_point.copy_(zero_point)
             self._calibrated = True
         if not (self.fake_quant_enabled and self._calibrated):
             return x
-        if self.config.learned_scale:
-            return self._learned_fake_quantize(x)
-        return fake_quantize(x, self.scale, self.zero_point, self.config.bits, self.config.symmetric, self.axis)
-
-    def _learned_fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = quant_range(self.config.bits, self.config.symmetric)
-        scale = self.scale.clamp(min=EPS)
-        zero_point = self.zero_point.float()
-        per_scale = x.numel() // max(scale.numel(), 1)
-        grad_factor = 1.0 / math.sqrt(per_scale * qmax)
-        if self.axis is None:
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, scale.reshape(1), zero_point.reshape(1), qmin, qmax, grad_factor
-            )
-        return torch._fake_quantize_learnable_per_channel_affine(
-            x, scale, zero_point, self.axis % x.dim(), qmin, qmax, grad_factor
-        )
+        qmin, qmax = self._quant_range
+        zero_point = broadcast_along(self.zero_point, x, self.axis)
+        if not self.config.learned_scale:
+            return fake_quantize_ste(x, broadcast_along(self.scale, x, self.axis), zero_point, qmin, qmax)
+        scale = broadcast_along(self.scale.clamp(min=EPS), x, self.axis)
+        grad_factor = 1.0 / math.sqrt(x.numel() // self.scale.numel() * qmax)
+        return fake_quantize_lsq(x, scale, zero_point, qmin, qmax, grad_factor)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (int32, shape of ``x``) with the current scale and zero point."""

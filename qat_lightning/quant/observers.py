@@ -9,6 +9,8 @@ holds the same statistics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,8 +34,8 @@ def _global_range(cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.T
 def _aminmax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x``: scalars, or one per slice along ``channel_axis``."""
     if channel_axis is None:
-        return torch.aminmax(x.detach())
-    flat = x.detach().transpose(0, channel_axis).flatten(1)
+        return torch.aminmax(x)
+    flat = x.transpose(0, channel_axis).flatten(1)
     return torch.aminmax(flat, dim=1)
 
 
@@ -58,17 +60,20 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("skipped", torch.tensor(0))
+        self._axis = config.channel_axis if config.per_channel else None
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Record the range of ``x`` and return ``x`` unchanged."""
-        axis = self.config.channel_axis if self.config.per_channel else None
-        cur_min, cur_max = _global_range(*_aminmax(x, axis))
-        finite = torch.isfinite(cur_min).all() & torch.isfinite(cur_max).all()
+        cur_min, cur_max = _global_range(*_aminmax(x, self._axis))
+        finite = (cur_max - cur_min).abs_() < math.inf  # False when either bound is NaN or infinite
+        if finite.dim():
+            finite = finite.all()
         new_min, new_max = self._combine(cur_min, cur_max)
-        self.min_val.copy_(torch.where(finite, torch.where(self.initialized, new_min, cur_min), self.min_val))
-        self.max_val.copy_(torch.where(finite, torch.where(self.initialized, new_max, cur_max), self.max_val))
+        torch.where(finite, torch.where(self.initialized, new_min, cur_min), self.min_val, out=self.min_val)
+        torch.where(finite, torch.where(self.initialized, new_max, cur_max), self.max_val, out=self.max_val)
         self.initialized.logical_or_(finite)
-        self.skipped.add_((~finite).long())
+        self.skipped.add_(finite.logical_not())
         return x
 
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from qat_lightning.quant.straight_through import fake_quantize_ste
+
 MIN_BITS = 2
 MAX_BITS = 16
 EPS = torch.finfo(torch.float32).eps
@@ -60,7 +62,7 @@ def choose_qparams(
     return scale, zero_point
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast_along(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Reshape a per-channel parameter of shape ``(C,)`` so it broadcasts along ``axis`` of ``x``."""
     if axis is None or param.dim() == 0:
         return param
@@ -79,18 +81,20 @@ def quantize(
 ) -> torch.Tensor:
     """Map real values to integers on the grid: ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
 
+    ``x / scale`` is computed as ``x * (1 / scale)`` in float32, as PyTorch's quantization kernels do, so the
+    codes agree with theirs (and with ``fake_quantize``) even at rounding ties.
     Returns an int32 tensor of the shape of ``x``. ``axis`` is the channel axis for per-channel parameters.
     """
     qmin, qmax = quant_range(bits, symmetric)
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
-    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
+    s = broadcast_along(scale, x, axis)
+    z = broadcast_along(zero_point, x, axis)
+    return torch.clamp(torch.round(x.float() * torch.reciprocal(s.float())) + z, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     """Map integers back to real values: ``(q - zero_point) * scale`` (float32, shape of ``q``)."""
-    s = _broadcast(scale, q, axis)
-    z = _broadcast(zero_point, q, axis)
+    s = broadcast_along(scale, q, axis)
+    z = broadcast_along(zero_point, q, axis)
     return (q.to(torch.float32) - z) * s
 
 
@@ -104,14 +108,10 @@ def fake_quantize(
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in floating point, with a straight-through gradient.
 
-    The gradient w.r.t. ``x`` is 1 where ``x`` falls inside the clamp range and 0 outside. Uses PyTorch's
-    fused fake-quant kernels (one pass, no integer tensor materialised).
+    The gradient w.r.t. ``x`` is 1 where ``x`` falls inside the clamp range and 0 outside. Bit-identical to
+    PyTorch's fused ``fake_quantize_per_{tensor,channel}_affine`` (see ``straight_through``).
     """
     qmin, qmax = quant_range(bits, symmetric)
-    if axis is None or scale.dim() == 0:
-        return torch.fake_quantize_per_tensor_affine(
-            x, scale.reshape(()), zero_point.reshape(()).to(torch.int32), qmin, qmax
-        )
-    return torch.fake_quantize_per_channel_affine(
-        x, scale.float(), zero_point.to(torch.int32), axis % x.dim(), qmin, qmax
-    )
+    s = broadcast_along(scale, x, axis)
+    z = broadcast_along(zero_point, x, axis)
+    return fake_quantize_ste(x, s, z, qmin, qmax)
