@@ -22,16 +22,32 @@ from __future__ import annotations
 import torch
 
 
-def _rounded_codes(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """``round(x * inv_scale) + zero_point`` before clamping, as a new float32 tensor."""
-    codes = x.float() * inv_scale
-    return codes.round_().add_(zero_point)
+def _codes_and_grid(
+    x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, float, float, bool]:
+    """``round(x * inv_scale)`` (a new float32 tensor) and the bounds to clamp it to, ``(codes, lo, hi, shifted)``.
+
+    A zero point that is one value on the CPU is read as a number (there is no device to wait for; not while
+    ``torch.compile``/``torch.export`` trace, where a read would break the graph) and the grid is shifted by
+    it, ``[qmin - z, qmax - z]`` (``shifted``); otherwise the zero point is added to the codes and the grid is
+    ``[qmin, qmax]``. Both are exact: codes and zero point are integers far inside float32's exact range, and a
+    code beyond it is clamped either way. The shift saves two passes over ``x``.
+    """
+    codes = (x.float() * inv_scale).round_()
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
+        z = zero_point.item()
+        return codes, qmin - z, qmax - z, True
+    return codes.add_(zero_point), qmin, qmax, False
 
 
 def _fake_quantize_values(
     x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    return _rounded_codes(x, inv_scale, zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    codes, lo, hi, shifted = _codes_and_grid(x, inv_scale, zero_point, qmin, qmax)
+    codes.clamp_(lo, hi)
+    if not shifted:
+        codes.sub_(zero_point)
+    return codes.mul_(scale)
 
 
 def _in_range_mask(
@@ -41,8 +57,8 @@ def _in_range_mask(
 
     The comparison writes float32 directly (``out=``): boolean tensors take slow scalar paths on CPU.
     """
-    codes = _rounded_codes(x, inv_scale, zero_point)
-    clamped = codes.clamp(qmin, qmax)
+    codes, lo, hi, _ = _codes_and_grid(x, inv_scale, zero_point, qmin, qmax)
+    clamped = codes.clamp(lo, hi)
     return torch.eq(codes, clamped, out=clamped)
 
 
