@@ -161,7 +161,7 @@ class PruningMasks(pl.Callback):
         self.masks.append({n: m.weight_mask.clone() for n, m in layers})
 
 
-@pytest.mark.parametrize("permanent", [True], ids=["permanent"])
+@pytest.mark.parametrize("permanent", [True, False], ids=["permanent", "masks_kept"])
 def test_model_pruning_with_qat(tmp_path, permanent, caplog):
     """Lightning's ``ModelPruning`` (global L1, 20% more of the weights after every epoch) across the FP32 and the
     QAT phase: the fit ends, the conversion succeeds, and pruned weights stay exactly zero in the fake-quant

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from qat_lightning.convert.int8 import to_int8_graph
 from qat_lightning.convert.packing import save_packed_weights
@@ -88,6 +89,28 @@ def _lowest_bits(model: nn.Module) -> int:
     return min(layer.weight_quantizer.config.bits for _, layer in fake_quantized_layers(model))
 
 
+def _inference_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` in eval mode, with ``torch.nn.utils.prune`` masks applied for good (in the copy).
+
+    A layer pruned with its mask kept (``ModelPruning(make_pruning_permanent=False)``) holds its masked weight as
+    a non-leaf tensor, which ``copy.deepcopy`` refuses: the copy gets it detached, then loses the pruning
+    reparametrization, which leaves a plain weight Parameter holding zeros where the mask has them.
+    """
+    derived = {
+        id(v): v.detach()
+        for m in model.modules()
+        for v in vars(m).values()
+        if isinstance(v, torch.Tensor) and not v.is_leaf
+    }
+    reference = copy.deepcopy(model, memo=derived)
+    for module in reference.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, prune.BasePruningMethod):
+                hook.remove(module)
+                del module._forward_pre_hooks[key]
+    return reference.cpu().eval()
+
+
 def _outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(*inputs)
@@ -105,8 +128,8 @@ def convert_model(
 ) -> ConversionResult:
     """Convert a trained fake-quant ``model`` into an int8 TorchScript file (and packed / ONNX files).
 
-    ``model`` is only read: the conversion works on a CPU deep copy, BatchNorm folded, with the trained
-    scales (see ``qat_lightning.convert.int8``). The written int8 file is loaded back and run on
+    ``model`` is only read: the conversion works on a CPU deep copy (pruning masks applied), BatchNorm folded,
+    with the trained scales (see ``qat_lightning.convert.int8``). The written int8 file is loaded back and run on
     ``example_inputs`` before ``convert_model`` returns.
 
     Args:
@@ -134,7 +157,7 @@ def convert_model(
         raise ValueError("`example_inputs` must be a tuple of tensors (the model's positional inputs), e.g. `(x,)`.")
     example_inputs = tuple(x.detach().cpu() for x in example_inputs)
     calibration = [tuple(x.detach().cpu() for x in batch) for batch in calibration_inputs]
-    reference = copy.deepcopy(model).cpu().eval()
+    reference = _inference_copy(model)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
