@@ -25,7 +25,7 @@ from torch.nn.utils import prune
 from qat_lightning.convert.int8 import to_int8_graph
 from qat_lightning.convert.packing import save_packed_weights
 from qat_lightning.convert.torchscript import load_script, save_script, script_int8
-from qat_lightning.nn import fake_quantized_layers, is_prepared
+from qat_lightning.nn import fake_quantized_layers, is_prepared, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,19 @@ def convert_model(
         ``ConversionResult`` with the paths, sizes and per-layer outcome.
 
     Raises:
-        ValueError: ``model`` has no fake-quantized layer or ``example_inputs`` is not a sequence of tensors.
+        ValueError: ``model`` has no fake-quantized layer, none of its quantizers has seen data, or
+            ``example_inputs`` is not a sequence of tensors.
     """
     if not is_prepared(model):
         raise ValueError(
             f"`model` ({type(model).__name__}) has no fake-quantized layer: train it with QuantizationCallback "
             "(past its warmup) or prepare it with `apply_plan` before converting."
+        )
+    if not any(q.calibrated for q in quantizers(model)):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) is fake-quantized but none of its quantizers has seen data, so it has "
+            "no scales to convert: run a few batches through it in train mode (or train it with "
+            "QuantizationCallback past its warmup, or load a QAT checkpoint) before converting."
         )
     if isinstance(example_inputs, torch.Tensor) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise ValueError("`example_inputs` must be a tuple of tensors (the model's positional inputs), e.g. `(x,)`.")
