@@ -30,14 +30,14 @@ class RecordFileWrites(pl.Callback):
         self.log_path = log_path
 
     def setup(self, trainer, pl_module, stage):
-        write = qat_lightning.convert.api._atomic_write
+        write = qat_lightning.convert.api._StagedFiles.write
 
-        def recorded(path, *args, **kwargs):
+        def recorded(files, path, *args, **kwargs):
             with open(self.log_path, "a") as log:
                 log.write(json.dumps({"rank": trainer.global_rank, "file": path.name}) + "\n")
-            return write(path, *args, **kwargs)
+            return write(files, path, *args, **kwargs)
 
-        qat_lightning.convert.api._atomic_write = recorded
+        qat_lightning.convert.api._StagedFiles.write = recorded
 
 
 def test_two_processes_keep_identical_quantizer_state_and_rank_zero_alone_writes_the_int8_model(tmp_path):

@@ -1,7 +1,8 @@
 """``convert_model``: one call from a trained fake-quant model to its deployable files, checked against the model.
 
-Files written to ``output_dir`` (each written to a temporary name first and renamed when complete, so a
-failure never leaves a half-written file and never touches anything else):
+Files written to ``output_dir`` (all written to hidden temporary names first and renamed together once every
+one is complete, so a conversion that fails or is killed part-way leaves the previous files as they were and
+never a half-written file under a final name):
 
 - ``<name>_int8.pt``: TorchScript, oneDNN int8 kernels; ``torch.jit.load(path)`` runs it, no training code.
 - ``<name>_w<bits>.packed.pt``: packed low-bit weights (``load_packed_weights``); ``<bits>`` is the narrowest
@@ -73,15 +74,35 @@ class ConversionResult:
     agreement: Agreement | None = None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> int:
-    """Run ``write(tmp)`` then rename ``tmp`` to ``path``; return the size. ``tmp`` is removed on failure."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+class _StagedFiles:
+    """Files written under hidden temporary names (``.<name>.tmp``), renamed to their own names together when the
+    ``with`` block ends normally and removed when it raises. A kill part-way leaves at most a temporary file,
+    which the next conversion overwrites; it never touches the files of the previous conversion.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: dict[Path, int] = {}
+        self._staged: list[tuple[Path, Path]] = []
+
+    def write(self, path: Path, write: Callable[[Path], object]) -> Path:
+        """Run ``write(tmp)`` on the temporary name ``tmp`` of ``path``; return ``tmp``."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        self._staged.append((tmp, path))
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+        return tmp
+
+    def __enter__(self) -> _StagedFiles:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        try:
+            if exc_type is None:
+                for tmp, path in self._staged:
+                    os.replace(tmp, path)
+                    self.sizes[path] = path.stat().st_size
+        finally:
+            for tmp, _ in self._staged:
+                tmp.unlink(missing_ok=True)
 
 
 def _lowest_bits(model: nn.Module) -> int:
@@ -175,24 +196,21 @@ def convert_model(
         int8_layers=sorted(graph.int8_layers),
         float_layers=dict(graph.float_layers),
     )
-    result.sizes[result.int8_path] = _atomic_write(result.int8_path, lambda p: save_script(scripted, str(p)))
-    loaded_out = _outputs(load_script(str(result.int8_path)), example_inputs)
-    reference_out = _outputs(reference, example_inputs)
-    if isinstance(loaded_out, torch.Tensor) and isinstance(reference_out, torch.Tensor):
-        result.max_abs_diff = float((loaded_out - reference_out).abs().max())
+    with _StagedFiles() as files:
+        int8_tmp = files.write(result.int8_path, lambda p: save_script(scripted, str(p)))
+        loaded_out = _outputs(load_script(str(int8_tmp)), example_inputs)
+        reference_out = _outputs(reference, example_inputs)
+        if isinstance(loaded_out, torch.Tensor) and isinstance(reference_out, torch.Tensor):
+            result.max_abs_diff = float((loaded_out - reference_out).abs().max())
+        if packed:
+            result.packed_path = output_dir / f"{name}_w{_lowest_bits(reference)}.packed.pt"
+            files.write(result.packed_path, lambda p: save_packed_weights(reference, p))
+        if onnx:
+            from qat_lightning.convert.onnx_export import export_onnx_qdq
 
-    if packed:
-        result.packed_path = output_dir / f"{name}_w{_lowest_bits(reference)}.packed.pt"
-        result.sizes[result.packed_path] = _atomic_write(
-            result.packed_path, lambda p: save_packed_weights(reference, p)
-        )
-    if onnx:
-        from qat_lightning.convert.onnx_export import export_onnx_qdq
-
-        result.onnx_path = output_dir / f"{name}_qdq.onnx"
-        result.sizes[result.onnx_path] = _atomic_write(
-            result.onnx_path, lambda p: export_onnx_qdq(reference, example_inputs, p)
-        )
+            result.onnx_path = output_dir / f"{name}_qdq.onnx"
+            files.write(result.onnx_path, lambda p: export_onnx_qdq(reference, example_inputs, p))
+    result.sizes.update(files.sizes)
     for path, size in result.sizes.items():
         log.info("qat-lightning convert: wrote %s (%.1f kB)", path, size / 1e3)
     return result
