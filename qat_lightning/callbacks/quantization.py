@@ -254,7 +254,7 @@ class QuantizationCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if is_prepared(pl_module):  # validate/test after fit, or fit again: the plan was already applied
-            if not self.quantized:  # a new callback: QAT goes on with the model's quantizers, no FP32 warmup
+            if self.mode == "qat" and not self.quantized:  # a new callback: QAT goes on with the model's quantizers
                 self.quantized = True
                 self.observers_frozen = not any(q.observer_enabled for q in quantizers(pl_module))
                 rank_zero_info("QuantizationCallback: the model is already fake-quantized; its quantizers are kept.")
