@@ -109,3 +109,38 @@ def test_python_dash_m_help():
     assert result.returncode == 0, result.stderr
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in result.stdout
+
+
+def _config_with(tmp_path: Path, **callback_args) -> Path:
+    """``digits_qat4.yaml`` with some of its QuantizationCallback's arguments replaced, written under ``tmp_path``."""
+    config = yaml.safe_load((CONFIGS / "digits_qat4.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"].update(callback_args)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("warmup_epochs", "two"), ("warmup_epochs", 1.5), ("warmup_epochs", True), ("freeze_bn_epoch", 2.5)],
+)
+def test_epochs_of_the_wrong_type_in_a_yaml_config_name_the_field(tmp_path, capsys, field, value):
+    """The config parser checks the callback's type hints before anything is built or trained."""
+    path = _config_with(tmp_path, **{field: value})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f'Parser key "{field}"' in error and "Expected a <class 'int'>" in error, error[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("warmup_epochs", -1), ("warmup_epochs", None), ("freeze_observers_epoch", -3)]
+)
+def test_epochs_the_callback_rejects_in_a_yaml_config_name_the_field(tmp_path, field, value):
+    """Values of the right type but out of range (or a null the parser lets through) stop at the callback."""
+    path = _config_with(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"`{field}` must be a non-negative integer.*, got {value}\."):
+        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    assert not (tmp_path / "lightning_logs").exists()

@@ -1,13 +1,21 @@
-"""NaN/Inf batches must not poison observer ranges or scales."""
+"""Hostile input: NaN/Inf batches must not poison observer ranges or scales; tiny dataloaders; converting a
+model that cannot be converted."""
+
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from qat_lightning import ImageClassifier, QuantizationCallback, SmallCNN
-from qat_lightning.nn import fake_quantized_layers
+from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, convert_model
+from qat_lightning.convert.cli import main as convert_cli
+from qat_lightning.nn import apply_plan, fake_quantized_layers, plan_quantization
 from qat_lightning.quant import FakeQuantizer, MinMaxObserver, MovingAverageMinMaxObserver, QuantizerConfig
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_qat4.yaml"
 
 
 @pytest.mark.parametrize("observer_cls", [MinMaxObserver, MovingAverageMinMaxObserver])
@@ -78,3 +86,43 @@ def test_empty_or_one_sample_dataloader(tmp_path, samples):
             assert torch.isfinite(layer.weight_quantizer.scale).all()
         with torch.no_grad():
             assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_converting_a_prepared_model_that_never_saw_data_names_the_fix(tmp_path):
+    """Fake-quantized but never run: no scales exist; the error says how to get them, and following it works.
+    (A model never prepared at all: ``tests/test_convert.py::test_convert_model_rejects_bad_input``.)"""
+    model = SmallCNN()
+    apply_plan(model, plan_quantization(model, 4))
+    x = torch.randn(16, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"none of its quantizers has seen data.*run a few batches through it"):
+        convert_model(model, (x,), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+    model.train()
+    with torch.no_grad():
+        model(x)
+    result = convert_model(model.eval(), (x,), tmp_path)
+    assert result.int8_layers == ["classifier", "features.0", "features.4"]
+    assert result.max_abs_diff < 1e-4
+
+
+def test_convert_cli_on_a_checkpoint_of_the_fp32_warmup_names_the_cause(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qat-lightning-convert"])
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="warmup")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[QuantizationCallback(bits=4, warmup_epochs=1), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(ImageClassifier(SmallCNN()), DigitsDataModule(batch_size=64))
+    ckpt = tmp_path / "warmup.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        convert_cli(["--config", str(CONFIG), "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "holds no fake-quantized layers: it was saved before QAT started" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -107,6 +107,9 @@ class QuantizationCallback(Callback):
        weight file, in ``<log_dir>/quantized`` (see ``qat_lightning.convert``). A failed conversion is
        logged as an error; the trained model and its checkpoints are left as they are.
 
+    A model that arrives already fake-quantized (``fit`` again after a fit) keeps its quantizers and trains on in
+    QAT from the first batch (no warmup, no second insertion).
+
     Set a freeze epoch beyond ``max_epochs`` to never freeze. Schedules may be given in optimizer steps
     instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
     freeze happens only when its step is given.
@@ -250,7 +253,11 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if is_prepared(pl_module):  # validate/test after fit: the plan was already applied
+        if is_prepared(pl_module):  # validate/test after fit, or fit again: the plan was already applied
+            if self.mode == "qat" and not self.quantized:  # a new callback: QAT goes on with the model's quantizers
+                self.quantized = True
+                self.observers_frozen = not any(q.observer_enabled for q in quantizers(pl_module))
+                rank_zero_info("QuantizationCallback: the model is already fake-quantized; its quantizers are kept.")
             return
         self.plan = plan_quantization(pl_module, self.bits, **self._plan_options)
         if not self.plan:
