@@ -55,11 +55,13 @@ def _in_range_mask(
 ) -> torch.Tensor:
     """1.0 where the rounded code of ``x`` lies on the grid ``[qmin, qmax]``, 0.0 where it is clamped (float32).
 
-    The comparison writes float32 directly (``out=``): boolean tensors take slow scalar paths on CPU.
+    Built in one new buffer, which callers reuse: a code ``c`` is on the grid ``[lo, hi]`` exactly when
+    ``|c - (lo + hi) / 2| <= (hi - lo) / 2`` (integers and half-integers, exact in float32). The comparison
+    writes float32 (``out=``): boolean tensors take slow scalar paths on CPU.
     """
     codes, lo, hi, _ = _codes_and_grid(x, inv_scale, zero_point, qmin, qmax)
-    clamped = codes.clamp(lo, hi)
-    return torch.eq(codes, clamped, out=clamped)
+    codes.sub_((lo + hi) / 2).abs_()
+    return torch.le(codes, (hi - lo) / 2, out=codes)
 
 
 class _StraightThroughFakeQuantize(torch.autograd.Function):
@@ -73,7 +75,7 @@ class _StraightThroughFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x, inv_scale, zero_point = ctx.saved_tensors
-        grad_x = grad_out * _in_range_mask(x, inv_scale, zero_point, *ctx.quant_range)
+        grad_x = _in_range_mask(x, inv_scale, zero_point, *ctx.quant_range).mul_(grad_out)
         return grad_x.to(x.dtype), None, None, None, None
 
 
