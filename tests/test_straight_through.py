@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qat_lightning.quant import choose_qparams, quant_range
 from qat_lightning.quant.straight_through import fake_quantize_lsq, fake_quantize_ste
@@ -119,3 +121,26 @@ def test_output_keeps_the_input_dtype_and_values():
     assert torch.equal(out.float(), expected.to(torch.bfloat16).float())
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scale=st.floats(2.0**-20, 2.0**20, width=32),
+    zero_point=st.integers(0, 255),
+    bits=st.sampled_from([2, 4, 8]),
+    symmetric=st.booleans(),
+)
+def test_input_gradient_at_the_range_edges_equals_torch_kernel(scale, zero_point, bits, symmetric):
+    """The STE mask is exact for any scale: on the float32 values next to both edges of the clamp range (and
+    at their half-step ties) it equals torch's cachemask kernel."""
+    qmin, qmax = quant_range(bits, symmetric)
+    zero_point = 0 if symmetric else min(zero_point, qmax)
+    scale_t, zero_point_t = torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32)
+    edges = torch.tensor([qmin - zero_point - 0.5, qmax - zero_point + 0.5]) * scale_t
+    neighbours = torch.arange(-40, 41, dtype=torch.int32)  # the 40 float32 values on each side of each edge
+    x = torch.cat([(e.reshape(1).view(torch.int32) + neighbours).view(torch.float32) for e in edges])
+    ours_x, ref_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fake_quantize_ste(ours_x, scale_t, zero_point_t, qmin, qmax).sum().backward()
+    torch.fake_quantize_per_tensor_affine(ref_x, scale_t, zero_point_t, qmin, qmax).sum().backward()
+    assert torch.equal(ours_x.grad, ref_x.grad)
+    assert (ref_x.grad == 0).any() and (ref_x.grad == 1).any()

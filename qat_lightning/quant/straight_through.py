@@ -19,35 +19,56 @@ in any float dtype.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def _codes_and_grid(
-    x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-) -> tuple[torch.Tensor, float, float, bool]:
-    """``round(x * inv_scale)`` (a new float32 tensor) and the bounds to clamp it to, ``(codes, lo, hi, shifted)``.
+def _cpu_zero_point(zero_point: torch.Tensor) -> float | None:
+    """The zero point as a number when it is one value on the CPU, else ``None``.
 
-    A zero point that is one value on the CPU is read as a number (there is no device to wait for; not while
-    ``torch.compile``/``torch.export`` trace, where a read would break the graph) and the grid is shifted by
-    it, ``[qmin - z, qmax - z]`` (``shifted``); otherwise the zero point is added to the codes and the grid is
-    ``[qmin, qmax]``. Both are exact: codes and zero point are integers far inside float32's exact range, and a
-    code beyond it is clamped either way. The shift saves two passes over ``x``.
+    Reading a CPU tensor waits for no device. Not done while ``torch.compile``/``torch.export`` trace, where the
+    read would break the graph.
     """
-    codes = (x.float() * inv_scale).round_()
     if zero_point.numel() == 1 and zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
-        z = zero_point.item()
-        return codes, qmin - z, qmax - z, True
-    return codes.add_(zero_point), qmin, qmax, False
+        return zero_point.item()
+    return None
+
+
+def _input_interval(inv_scale: float, lo: float, hi: float) -> tuple[float, float] | None:
+    """The float32 inputs ``x`` whose code ``round_half_even(float32(x * inv_scale))`` lies in ``[lo, hi]``.
+
+    The code is non-decreasing in ``x``, so these inputs form an interval ``[x_lo, x_hi]``; both ends are found
+    exactly, from the estimate ``(bound -+ 0.5) / inv_scale`` (within a few float32 steps), by stepping one
+    float32 at a time. ``None`` for a scale so extreme (beyond 1e+-30) that the estimate could overflow.
+    """
+    if not 1e-30 < inv_scale < 1e30:
+        return None
+    inv = np.float32(inv_scale)
+
+    def code(x: np.float32) -> np.float32:
+        return np.rint(x * inv)
+
+    x_lo = np.float32((lo - 0.5) / inv_scale)
+    while code(x_lo) < lo:
+        x_lo = np.nextafter(x_lo, np.float32(np.inf))
+    while code(np.nextafter(x_lo, np.float32(-np.inf))) >= lo:
+        x_lo = np.nextafter(x_lo, np.float32(-np.inf))
+    x_hi = np.float32((hi + 0.5) / inv_scale)
+    while code(x_hi) > hi:
+        x_hi = np.nextafter(x_hi, np.float32(-np.inf))
+    while code(np.nextafter(x_hi, np.float32(np.inf))) <= hi:
+        x_hi = np.nextafter(x_hi, np.float32(np.inf))
+    return float(x_lo), float(x_hi)
 
 
 def _fake_quantize_values(
     x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    codes, lo, hi, shifted = _codes_and_grid(x, inv_scale, zero_point, qmin, qmax)
-    codes.clamp_(lo, hi)
-    if not shifted:
-        codes.sub_(zero_point)
-    return codes.mul_(scale)
+    codes = (x.float() * inv_scale).round_()
+    z = _cpu_zero_point(zero_point)
+    if z is not None:  # shift the grid by the zero point instead of the codes: exact, and two passes fewer
+        return codes.clamp_(qmin - z, qmax - z).mul_(scale)
+    return codes.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 def _in_range_mask(
@@ -55,13 +76,19 @@ def _in_range_mask(
 ) -> torch.Tensor:
     """1.0 where the rounded code of ``x`` lies on the grid ``[qmin, qmax]``, 0.0 where it is clamped (float32).
 
-    Built in one new buffer, which callers reuse: a code ``c`` is on the grid ``[lo, hi]`` exactly when
-    ``|c - (lo + hi) / 2| <= (hi - lo) / 2`` (integers and half-integers, exact in float32). The comparison
-    writes float32 (``out=``): boolean tensors take slow scalar paths on CPU.
+    Built in one new buffer, which callers reuse. With a CPU zero point the test runs on ``x`` itself against
+    the exact interval of inputs that land on the grid (two passes); otherwise on the codes, where ``c`` is on
+    the grid exactly when ``|c - (qmin + qmax) / 2| <= (qmax - qmin) / 2`` (integers and half-integers, exact
+    in float32). Comparisons write float32 (``out=``): boolean tensors take slow scalar paths on CPU.
     """
-    codes, lo, hi, _ = _codes_and_grid(x, inv_scale, zero_point, qmin, qmax)
-    codes.sub_((lo + hi) / 2).abs_()
-    return torch.le(codes, (hi - lo) / 2, out=codes)
+    z = _cpu_zero_point(zero_point)
+    interval = None if z is None else _input_interval(inv_scale.item(), qmin - z, qmax - z)
+    if interval is not None:
+        clamped = x.float().clamp(*interval)
+        return torch.eq(x, clamped, out=clamped)
+    codes = (x.float() * inv_scale).round_().add_(zero_point)
+    codes.sub_((qmin + qmax) / 2).abs_()
+    return torch.le(codes, (qmax - qmin) / 2, out=codes)
 
 
 class _StraightThroughFakeQuantize(torch.autograd.Function):
