@@ -164,7 +164,7 @@ def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, round
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="timed steps per path (median reported)")
+    parser.add_argument("--rounds", type=int, default=25, help="timed steps per path (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
