@@ -113,3 +113,19 @@ def test_ptq_calibration_error_names_predict_step(tmp_path):
     )
     with pytest.raises(RuntimeError, match="implement `predict_step`"):
         trainer.fit(NoPredict(), DigitsDataModule())
+
+
+def test_mse_observer_samples_every_position_of_an_activation():
+    """The sample must not alias with the tensor layout. Here the left column of every feature map is zero
+    (like zero padding) and holds every 256th value of the flattened tensor; the chosen range must still be
+    near the best clipping range for the whole tensor, checked in NumPy."""
+    torch.manual_seed(0)
+    x = torch.empty(64, 16, 32, 32).exponential_()
+    x[..., 0] = 0.0
+    observer = MSEObserver(QuantizerConfig(bits=4, observer="mse"))
+    observer(x)
+    scale, zp = observer.qparams()
+    values = x.numpy().ravel()[::7]  # an independent, non-aliasing subsample for the NumPy reference
+    chosen = numpy_fake_quant_mse(values, (0 - int(zp)) * scale.item(), (15 - int(zp)) * scale.item(), 4)
+    candidates = [numpy_fake_quant_mse(values, 0.0, r * x.max().item(), 4) for r in observer.ratios]
+    assert chosen <= min(candidates) * 1.05

@@ -102,11 +102,14 @@ class MovingAverageMinMaxObserver(Observer):
 class MSEObserver(MinMaxObserver):
     """Running min/max, clipped to the range that minimises the mean squared quantization error.
 
-    Keeps a bounded, deterministic sample of the observed values (every k-th element of each batch, at most
-    ``max_samples`` per channel, newest kept) and, when asked for parameters, tries ``num_candidates``
-    clipping ratios in [``min_ratio``, 1] of the running range, per channel. Meant for calibration (PTQ):
-    the search costs a few passes over the sample.
+    Keeps a bounded, reproducible sample of the observed values (4096 positions per batch drawn uniformly
+    from a generator seeded with ``seed``, at most ``max_samples`` per channel, newest kept) and, when asked
+    for parameters, tries ``num_candidates`` clipping ratios in [``min_ratio``, 1] of the running range, per
+    channel. Meant for calibration (PTQ): the search costs a few passes over the sample. (A regular stride
+    would alias with the layout: every 256th value of an ``(N, 16, 32, 32)`` activation is its left column.)
     """
+
+    samples_per_batch = 4096
 
     def __init__(
         self,
@@ -115,9 +118,11 @@ class MSEObserver(MinMaxObserver):
         max_samples: int = 65536,
         num_candidates: int = 50,
         min_ratio: float = 0.2,
+        seed: int = 0,
     ) -> None:
         super().__init__(config, num_channels)
         self.max_samples = max_samples
+        self._generator = torch.Generator().manual_seed(seed)
         self.ratios = torch.linspace(min_ratio, 1.0, num_candidates).tolist()
         self._sample: torch.Tensor | None = None  # (channels, n) values; not part of the state
 
@@ -129,8 +134,10 @@ class MSEObserver(MinMaxObserver):
             values = x.detach().reshape(1, -1)
         if not bool(torch.isfinite(values).all()):  # calibration only: a host sync is fine here
             return x
-        step = max(1, values.shape[1] // 4096)
-        values = values[:, ::step].float()
+        if values.shape[1] > self.samples_per_batch:
+            positions = torch.randint(values.shape[1], (self.samples_per_batch,), generator=self._generator)
+            values = values[:, positions.to(values.device)]
+        values = values.float()
         merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
         self._sample = merged[:, -self.max_samples :]
         return x
