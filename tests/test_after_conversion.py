@@ -23,20 +23,10 @@ def _backbone() -> SmallCNN:
     return SmallCNN(channels=(8, 16))
 
 
-def _trainer(root: Path, callbacks: list, max_epochs: int = 3, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        limit_test_batches=2,
-        default_root_dir=root,
-    )
-    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **{**options, **kwargs})
+def _trainer(trainer_kwargs: dict, callbacks: list, max_epochs: int = 3, **overrides) -> pl.Trainer:
+    """The suite's quiet Trainer (``trainer_kwargs``), with checkpointing and a short test loop."""
+    options = {**trainer_kwargs, "enable_checkpointing": True, "limit_test_batches": 2, **overrides}
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **options)
 
 
 def _best_checkpoint(root: Path) -> ModelCheckpoint:
@@ -70,12 +60,12 @@ def _first_val_batch(data: DigitsDataModule) -> torch.Tensor:
     return next(iter(data.val_dataloader()))[0]
 
 
-def test_conversion_leaves_the_module_and_checkpoints_as_trained_and_test_best_works(tmp_path):
+def test_conversion_leaves_the_module_and_checkpoints_as_trained_and_test_best_works(tmp_path, trainer_kwargs):
     pl.seed_everything(0)
     data = DigitsDataModule(batch_size=32)
     model, before = ImageClassifier(_backbone()), BeforeConversion(_first_val_batch(data))
     callback = QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")
-    trainer = _trainer(tmp_path, [before, callback, _best_checkpoint(tmp_path)])
+    trainer = _trainer(trainer_kwargs, [before, callback, _best_checkpoint(tmp_path)])
     trainer.fit(model, data)
 
     assert not before.converted_before and sorted(p.name for p in (tmp_path / "int8").iterdir()) == FILES
@@ -99,15 +89,15 @@ def test_conversion_leaves_the_module_and_checkpoints_as_trained_and_test_best_w
     assert trainer.ckpt_path == best and 0.0 < tested["test/acc"] <= 1.0
     loaded = ImageClassifier.load_from_checkpoint(best, backbone=_backbone())
     assert is_prepared(loaded)
-    assert _trainer(tmp_path, []).test(loaded, data, verbose=False)[0] == tested
+    assert _trainer(trainer_kwargs, []).test(loaded, data, verbose=False)[0] == tested
 
 
-def test_fit_again_after_conversion_with_a_new_trainer_and_callback(tmp_path, lightning_caplog):
+def test_fit_again_after_conversion_with_a_new_trainer_and_callback(tmp_path, trainer_kwargs, lightning_caplog):
     """The same (already fake-quantized, already converted) module trains on in QAT under a new trainer."""
     pl.seed_everything(0)
     data = DigitsDataModule(batch_size=32)
     model = ImageClassifier(_backbone())
-    first = _trainer(tmp_path, [QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")])
+    first = _trainer(trainer_kwargs, [QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")])
     first.fit(model, data)
     scales = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".scale")}
     weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
@@ -115,7 +105,7 @@ def test_fit_again_after_conversion_with_a_new_trainer_and_callback(tmp_path, li
 
     lightning_caplog.clear()
     again = QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "again")
-    trainer = _trainer(tmp_path, [again], max_epochs=2)
+    trainer = _trainer(trainer_kwargs, [again], max_epochs=2)
     trainer.fit(model, data)
 
     assert dict(fake_quantized_layers(model)) == layers  # the same layers, not quantized a second time
@@ -134,17 +124,17 @@ def test_fit_again_after_conversion_with_a_new_trainer_and_callback(tmp_path, li
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == FILES
 
 
-def test_fit_again_with_ckpt_path_after_conversion(tmp_path):
+def test_fit_again_with_ckpt_path_after_conversion(tmp_path, trainer_kwargs):
     pl.seed_everything(0)
     data = DigitsDataModule(batch_size=32)
     model = ImageClassifier(_backbone())
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
-    first = _trainer(tmp_path, [QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")])
+    first = _trainer(trainer_kwargs, [QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")])
     first.callbacks.append(checkpoint)
     first.fit(model, data)
 
     callback = QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "again")
-    trainer = _trainer(tmp_path, [callback], max_epochs=4)
+    trainer = _trainer(trainer_kwargs, [callback], max_epochs=4)
     trainer.fit(model, data, ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
     assert trainer.current_epoch == 4 and callback.quantized and callback.fp32_score is not None
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == FILES
@@ -162,7 +152,7 @@ class PruningMasks(pl.Callback):
 
 
 @pytest.mark.parametrize("permanent", [True, False], ids=["permanent", "masks_kept"])
-def test_model_pruning_with_qat(tmp_path, permanent, caplog):
+def test_model_pruning_with_qat(tmp_path, trainer_kwargs, permanent, caplog):
     """Lightning's ``ModelPruning`` (global L1, 20% more of the weights after every epoch) across the FP32 and the
     QAT phase: the fit ends, the conversion succeeds, and pruned weights stay exactly zero in the fake-quant
     model, its checkpoint, the reloaded model and the converted files."""
@@ -173,7 +163,7 @@ def test_model_pruning_with_qat(tmp_path, permanent, caplog):
     masks = PruningMasks()
     callback = QuantizationCallback(bits=4, warmup_epochs=1, convert_dir=tmp_path / "int8")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = _trainer(tmp_path, [pruning, masks, callback, checkpoint])
+    trainer = _trainer(trainer_kwargs, [pruning, masks, callback, checkpoint])
     with caplog.at_level(logging.ERROR, logger="qat_lightning"):
         trainer.fit(model, data)
 
