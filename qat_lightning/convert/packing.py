@@ -87,7 +87,7 @@ def _packed_layers(model: nn.Module) -> dict[str, dict]:
         grid_weight = layer.quantized_weight().detach().float().cpu()
         codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1)))
         input_grid = (
-            (inputs.config.bits, float(inputs.scale), int(inputs.zero_point))
+            (inputs.config.bits, float(inputs.scale.detach()), int(inputs.zero_point))
             if isinstance(inputs, FakeQuantizer)
             else None
         )
