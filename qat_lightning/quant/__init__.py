@@ -18,6 +18,7 @@ from qat_lightning.quant.primitives import (
     quant_range,
     quantize,
 )
+from qat_lightning.quant.straight_through import fake_quantize_lsq
 
 __all__ = [
     "FakeQuantizer",
@@ -32,6 +33,7 @@ __all__ = [
     "choose_qparams",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_lsq",
     "max_abs_error",
     "quant_range",
     "quantize",
