@@ -34,15 +34,6 @@ from qat_lightning.quant import FakeQuantizer
 TRAIN_BATCHES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and much faster on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(tmp_path, callbacks: list, max_epochs: int = 2, logger: Any = False) -> L.Trainer:
     return L.Trainer(
         max_epochs=max_epochs,

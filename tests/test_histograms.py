@@ -27,15 +27,6 @@ TRAIN_BATCHES = 3
 LAYERS = ("backbone.features.0", "backbone.features.4", "backbone.classifier")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and much faster on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _numpy_grid(weight: torch.Tensor, scale: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel symmetric codes and dequantized weight, as torch's kernel rounds: ``w * (1 / scale)``."""
     w = weight.detach().numpy()

@@ -30,15 +30,6 @@ from qat_lightning.nn import FakeQuantizedConv2d, FakeQuantizedLinear, is_weight
 CNN_LAYERS = ["features.0", "features.4", "classifier"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and much faster on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _normalized(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_weight_normalized(m)]
 

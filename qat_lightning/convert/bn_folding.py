@@ -17,7 +17,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-_LAYER_OPS = {
+# The aten ops of Conv1d/2d/3d and Linear in a ``torch.export`` graph.
+LAYER_OPS = {
     torch.ops.aten.conv1d.default,
     torch.ops.aten.conv2d.default,
     torch.ops.aten.conv3d.default,
@@ -80,10 +81,10 @@ def find_batchnorm_pairs(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     ``graph`` is the graph of ``torch.export.export(model, ...)``; names are those of ``model.named_modules()``.
     A module called more than once (shared weights) is never folded.
     """
-    calls = Counter(_module_name(n) for n in graph.nodes if n.target in _LAYER_OPS | _BATCHNORM_OPS)
+    calls = Counter(_module_name(n) for n in graph.nodes if n.target in LAYER_OPS | _BATCHNORM_OPS)
     pairs = []
     for node in graph.nodes:
-        if node.target not in _LAYER_OPS or len(node.users) != 1:
+        if node.target not in LAYER_OPS or len(node.users) != 1:
             continue
         (user,) = node.users
         layer, bn = _module_name(node), _module_name(user)

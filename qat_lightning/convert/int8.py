@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
+from qat_lightning.convert.bn_folding import LAYER_OPS, find_batchnorm_pairs, fold_batchnorms
 from qat_lightning.convert.torchscript import ONEDNN_INT8_OPS
 from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
 from qat_lightning.quant import FakeQuantizer, quant_range
@@ -52,12 +52,6 @@ _GRID_PRESERVING_OPS = {
     torch.ops.aten.flatten.using_ints,
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
-}
-_LAYER_OPS = {
-    torch.ops.aten.conv1d.default,
-    torch.ops.aten.conv2d.default,
-    torch.ops.aten.conv3d.default,
-    torch.ops.aten.linear.default,
 }
 
 
@@ -283,7 +277,7 @@ def _layer_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     nodes = {}
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
-        if node.target in _LAYER_OPS and stack:
+        if node.target in LAYER_OPS and stack:
             nodes[next(reversed(stack.values()))[0]] = node
     return nodes
 
@@ -336,7 +330,7 @@ def _drop_observers_feeding_only_float(gm: torch.fx.GraphModule, float_layer_nod
                 continue
             seen.add(user)
             trained = _is_observer(gm, user) and getattr(gm.get_submodule(user.target), "trained", False)
-            if trained or user.target in _LAYER_OPS or reaches_int8(user, seen):
+            if trained or user.target in LAYER_OPS or reaches_int8(user, seen):
                 return True
         return False
 
