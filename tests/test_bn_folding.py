@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from qat_lightning.convert import IntegerLayer, batchnorm_factor, find_batchnorm_pairs, fold_batchnorm, fold_batchnorms
+from qat_lightning.convert import (
+    InputGrid,
+    IntegerLayer,
+    batchnorm_factor,
+    find_batchnorm_pairs,
+    fold_batchnorm,
+    fold_batchnorms,
+)
 
 
 def _random_bn(bn: nn.modules.batchnorm._BatchNorm, seed: int = 0, negative_gamma: bool = True) -> None:
@@ -118,22 +125,29 @@ def test_a_module_called_twice_is_not_folded() -> None:
 
 
 def _layer(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> IntegerLayer:
-    return IntegerLayer("conv", codes, scale, bits, input_scale=0.1, input_zero_point=0, input_bits=8)
+    return IntegerLayer("conv", codes, scale, bits, InputGrid(scale=0.1, zero_point=0, bits=8))
 
 
 def test_folding_keeps_codes_and_moves_scales() -> None:
-    codes = torch.tensor([[3, -8], [7, -2], [1, 0]], dtype=torch.int32)
+    codes = torch.tensor([[3, -8], [7, -2], [1, 0]], dtype=torch.int8)
     scale = torch.tensor([0.5, 0.25, 2.0])
     factor = torch.tensor([2.0, -0.5, 0.0])
 
     folded = _layer(codes, scale, 4).folded(factor)
 
-    assert torch.equal(folded.codes, torch.tensor([[3, -8], [-7, 2], [0, 0]], dtype=torch.int32))
+    assert torch.equal(folded.codes, torch.tensor([[3, -8], [-7, 2], [0, 0]], dtype=torch.int8))
     assert torch.equal(folded.scale, torch.tensor([1.0, 0.125, 2.0]))
     assert torch.equal(folded.weight(), _layer(codes, scale, 4).weight() * factor[:, None])
 
 
 def test_folding_an_8_bit_minimum_with_negative_gamma_clamps_one_step() -> None:
-    codes = torch.tensor([[-128, 127, 5]], dtype=torch.int32)
+    codes = torch.tensor([[-128, 127, 5]], dtype=torch.int8)
     folded = _layer(codes, torch.tensor([1.0]), 8).folded(torch.tensor([-1.0]))
-    assert torch.equal(folded.codes, torch.tensor([[127, -127, -5]], dtype=torch.int32))
+    assert torch.equal(folded.codes, torch.tensor([[127, -127, -5]], dtype=torch.int8))
+
+
+def test_folding_a_4_bit_minimum_with_negative_gamma_keeps_its_magnitude() -> None:
+    codes = torch.tensor([[-8, 7, 0]], dtype=torch.int8)
+    folded = _layer(codes, torch.tensor([0.5]), 4).folded(torch.tensor([-2.0]))
+    assert torch.equal(folded.codes, torch.tensor([[8, -7, 0]], dtype=torch.int8))
+    assert torch.equal(folded.weight(), torch.tensor([[8.0, -7.0, 0.0]]))

@@ -70,9 +70,9 @@ def test_two_processes_keep_identical_quantizer_state_and_rank_zero_alone_writes
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
-    expected = ["model_int8.pt", "model_w2.packed.pt"]
+    expected = ["conversion_report.json", "model_int8.onnx", "model_int8.pt2", "model_w2.packed.pt"]
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == expected  # no temporary file left
     recorded = [json.loads(line) for line in writes.read_text().splitlines()]
     assert sorted(r["file"] for r in recorded) == expected and {r["rank"] for r in recorded} == {0}
-    int8 = torch.jit.load(str(tmp_path / "int8" / "model_int8.pt"))
-    assert int8(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    program = torch.export.load(tmp_path / "int8" / "model_int8.pt2").module()
+    assert program(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -103,7 +103,7 @@ def test_converting_a_prepared_model_that_never_saw_data_names_the_fix(tmp_path)
         model(x)
     result = convert_model(model.eval(), (x,), tmp_path)
     assert result.int8_layers == ["classifier", "features.0", "features.4"]
-    assert result.max_abs_diff < 1e-4
+    assert result.fidelity["pt2"].relative_error < 1e-4 and result.fidelity["onnx"].agreement == 1.0
 
 
 def test_convert_cli_on_a_checkpoint_of_the_fp32_warmup_names_the_cause(tmp_path, capsys, monkeypatch):

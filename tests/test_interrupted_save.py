@@ -3,6 +3,7 @@ conversion byte for byte, and never a partial file under a final name."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -17,9 +18,9 @@ import torch
 from qat_lightning import SmallCNN, convert_model
 from qat_lightning.nn import apply_plan, plan_quantization
 
-FILES = ["model_int8.pt", "model_w4.packed.pt"]
+FILES = ["conversion_report.json", "model_int8.onnx", "model_int8.pt2", "model_w4.packed.pt"]
 EXAMPLE = (torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)),)
-PARTIAL = b"PK\x03\x04 partial"  # the start of a zip file (TorchScript and torch.save write zip files)
+PARTIAL = b"PK\x03\x04 partial"  # the start of a zip file (torch.export.save and torch.save write zip files)
 
 
 def calibrated_model(seed: int) -> SmallCNN:
@@ -31,6 +32,11 @@ def calibrated_model(seed: int) -> SmallCNN:
     with torch.no_grad():
         model(torch.randn(32, 1, 8, 8))
     return model.eval()
+
+
+def _staged(name: str) -> str:
+    path = Path(name)
+    return f".{path.stem}.tmp{path.suffix}"
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -45,11 +51,12 @@ def conversions(tmp_path_factory) -> SimpleNamespace:
     convert_model(calibrated_model(0), EXAMPLE, root / "old")
     (root / "new").mkdir()
     for name in FILES:
-        (root / "new" / f".{name}.tmp").write_bytes(PARTIAL)
+        (root / "new" / _staged(name)).write_bytes(PARTIAL)
     convert_model(calibrated_model(1), EXAMPLE, root / "new")
     old, new = _files(root / "old"), _files(root / "new")
     assert list(old) == list(new) == FILES
-    assert all(old[name] != new[name] for name in FILES)  # an interruption that let a file through would show
+    # an interruption that let a file through would show (the reports may match: same sizes, exact agreement)
+    assert all(old[name] != new[name] for name in FILES if name != "conversion_report.json")
     return SimpleNamespace(old_dir=root / "old", old=old, new=new)
 
 
@@ -58,12 +65,12 @@ def _write_part_then_fail(obj, path, *args, **kwargs):
     raise OSError("No space left on device")
 
 
-@pytest.mark.parametrize("failing", ["int8", "packed"])
-def test_an_exception_while_writing_keeps_the_previous_files(tmp_path, conversions, monkeypatch, failing):
-    """The int8 file is written first, the packed weights last: either failure leaves both old files."""
+@pytest.mark.parametrize("failing", ["pt2", "packed"])
+def test_a_disk_error_while_writing_keeps_the_previous_files(tmp_path, conversions, monkeypatch, failing):
+    """The .pt2 file is written first, the packed weights near the end: either failure leaves every old file."""
     shutil.copytree(conversions.old_dir, tmp_path / "out")
-    # TorchScript files are written by torch.jit.save, the packed weights by torch.save
-    monkeypatch.setattr(*(torch.jit, "save") if failing == "int8" else (torch, "save"), _write_part_then_fail)
+    # .pt2 files are written by torch.export.save, the packed weights by torch.save
+    monkeypatch.setattr(*(torch.export, "save") if failing == "pt2" else (torch, "save"), _write_part_then_fail)
     with pytest.raises(OSError, match="No space left"):
         convert_model(calibrated_model(1), EXAMPLE, tmp_path / "out")
     assert _files(tmp_path / "out") == conversions.old  # same names (no temporary file left), same bytes
@@ -107,7 +114,29 @@ def test_a_process_killed_while_writing_keeps_the_previous_files(tmp_path, conve
     left = _files(tmp_path / "out")
     assert {name: left[name] for name in FILES} == conversions.old
     # What the killed process leaves: its hidden temporary files (the next conversion replaces them, see above).
-    assert set(left) - set(FILES) == {".model_int8.pt.tmp", ".model_w4.packed.pt.tmp"}
-    assert partial.name == ".model_w4.packed.pt.tmp"
-    int8 = torch.jit.load(str(tmp_path / "out" / ".model_int8.pt.tmp"))  # complete, but never renamed
-    assert int8(EXAMPLE[0]).shape == (8, 10)
+    assert set(left) - set(FILES) == {_staged(n) for n in ("model_int8.pt2", "model_int8.onnx", "model_w4.packed.pt")}
+    assert partial.name == _staged("model_w4.packed.pt")
+    program = torch.export.load(tmp_path / "out" / _staged("model_int8.pt2"))  # complete, but never renamed
+    assert program.module()(EXAMPLE[0]).shape == (8, 10)
+
+
+def test_a_format_that_cannot_translate_the_model_is_reported_and_its_old_file_removed(
+    tmp_path, conversions, monkeypatch
+):
+    """The other files are written; the failed format's file of the previous conversion does not outlive them."""
+    from qat_lightning.convert.backends import onnx as onnx_backend
+
+    shutil.copytree(conversions.old_dir, tmp_path / "out")
+
+    def untranslatable(source, path):
+        raise RuntimeError("no ONNX form for aten::frobnicate")
+
+    monkeypatch.setattr(onnx_backend, "write", untranslatable)
+    with pytest.warns(UserWarning, match=r"the 'onnx' file could not be written \(RuntimeError: no ONNX form"):
+        result = convert_model(calibrated_model(1), EXAMPLE, tmp_path / "out")
+
+    assert result.failed == {"onnx": "RuntimeError: no ONNX form for aten::frobnicate"}
+    left = _files(tmp_path / "out")
+    assert sorted(left) == [n for n in FILES if n != "model_int8.onnx"]
+    assert left["model_int8.pt2"] == conversions.new["model_int8.pt2"]
+    assert json.loads(left["conversion_report.json"])["failed"] == result.failed

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks.optimizers import give_parameters_own_group
+from qat_lightning.convert.backends import DEFAULT_FORMATS, check_formats
 from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
     LayerPlan,
@@ -102,10 +103,11 @@ class QuantizationCallback(Callback):
        optimizer and its state carry on. The model's ``forward`` is not touched.
     3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
     4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
-    5. At fit end (``convert_on_fit_end``), on rank zero: BatchNorm is folded and the model is converted to an
-       int8 TorchScript file (oneDNN int8 kernels, ``torch.jit.load(path)`` runs it) plus a packed low-bit
-       weight file, in ``<log_dir>/quantized`` (see ``qat_lightning.convert``). A failed conversion is
-       logged as an error; the trained model and its checkpoints are left as they are.
+    5. At fit end (``convert_on_fit_end``), on rank zero: the model is read out in integer form (BatchNorm
+       folded, the trained scales) and written in each of ``formats`` (default: a ``torch.export`` ``.pt2``
+       program and an ONNX QDQ file) plus a packed low-bit weight file, in ``<log_dir>/quantized``, each checked
+       against the fake-quant model on the validation data (see ``qat_lightning.convert``). A failed conversion
+       is logged as an error; the trained model and its checkpoints are left as they are.
 
     A model that arrives already fake-quantized (``fit`` again after a fit) keeps its quantizers and trains on in
     QAT from the first batch (no warmup, no second insertion).
@@ -138,9 +140,10 @@ class QuantizationCallback(Callback):
             ``predict_step(batch, batch_idx)``.
         calibration_batches: batches observed in PTQ mode.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
-        convert_on_fit_end: write the int8 model (and packed weights) when ``fit`` ends.
+        convert_on_fit_end: write the int8 files (and packed weights) when ``fit`` ends.
         convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
-        export_onnx: also write an ONNX QDQ file at fit end (needs the ``onnx`` extra).
+        formats: the files to write, any of ``qat_lightning.convert.BACKENDS`` (``"pt2"``, ``"onnx"``, ...).
+        agreement_batches: validation batches each file is checked on against the fake-quant model.
 
     Example::
 
@@ -168,11 +171,13 @@ class QuantizationCallback(Callback):
         monitor: str = "val/acc",
         convert_on_fit_end: bool = True,
         convert_dir: str | Path | None = None,
-        export_onnx: bool = False,
+        formats: Sequence[str] = DEFAULT_FORMATS,
+        agreement_batches: int = 100,
     ) -> None:
         if mode not in ("qat", "ptq"):
             raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
         _check_count(calibration_batches, "calibration_batches", optional=False)
+        _check_count(agreement_batches, "agreement_batches", optional=False)
         self.mode = mode
         self.calibration_batches = calibration_batches
         self.bits = check_bits(bits)
@@ -218,7 +223,8 @@ class QuantizationCallback(Callback):
         self.monitor = monitor
         self.convert_on_fit_end = convert_on_fit_end
         self.convert_dir = convert_dir
-        self.export_onnx = export_onnx
+        self.formats = check_formats(formats)
+        self.agreement_batches = agreement_batches
         self.plan: list[LayerPlan] = []
         self.quantized = False
         self.bn_frozen = False
@@ -355,7 +361,7 @@ class QuantizationCallback(Callback):
             rank_zero_info("QuantizationCallback: fit ended before fake quantization started; nothing to convert.")
             return
         try:
-            convert_from_trainer(trainer, pl_module, self.convert_dir, onnx=self.export_onnx)
+            convert_from_trainer(trainer, pl_module, self.convert_dir, self.formats, self.agreement_batches)
         except Exception as err:  # the trained model must survive any conversion failure
             log.error(
                 "QuantizationCallback: int8 conversion failed (%s: %s). The trained model and its checkpoints are "

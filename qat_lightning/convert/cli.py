@@ -5,7 +5,7 @@ by ``Trainer.validate`` (which also reports the fake-quant model's validation me
 ``convert_model`` are written::
 
     python -m qat_lightning.convert --config configs/digits_qat4.yaml \\
-        --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt [--output_dir DIR] [--onnx]
+        --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt [--output_dir DIR] [--formats pt2 onnx]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from qat_lightning.convert.api import ConversionResult
+from qat_lightning.convert.backends import BACKENDS, DEFAULT_FORMATS
 from qat_lightning.convert.from_trainer import OUTPUT_SUBDIR, convert_from_trainer
 from qat_lightning.nn import is_prepared
 
@@ -27,15 +28,17 @@ def default_output_dir(ckpt_path: Path) -> Path:
 
 
 def main(args: list[str] | None = None) -> ConversionResult:
-    """Parse ``--ckpt_path``, ``--output_dir``, ``--onnx``; every other argument goes to LightningCLI."""
+    """Parse ``--ckpt_path``, ``--output_dir``, ``--formats``; every other argument goes to LightningCLI."""
     parser = argparse.ArgumentParser(
         prog="qat-lightning-convert",
-        description="Convert a QAT checkpoint into an int8 TorchScript file (+ packed weights, optional ONNX). "
+        description="Convert a QAT checkpoint into int8 files (torch.export .pt2, ONNX QDQ, ...) and packed weights. "
         "All other arguments (--config, --model.*, --data.*) are those of the training command.",
     )
     parser.add_argument("--ckpt_path", type=Path, required=True, help="checkpoint saved during QAT")
     parser.add_argument("--output_dir", type=Path, default=None, help="default: <run dir>/quantized")
-    parser.add_argument("--onnx", action="store_true", help="also write an ONNX QDQ file (needs the onnx extra)")
+    parser.add_argument(
+        "--formats", nargs="+", choices=tuple(BACKENDS), default=list(DEFAULT_FORMATS), help="files to write"
+    )
     known, rest = parser.parse_known_args(args)
     if not known.ckpt_path.is_file():
         parser.error(f"--ckpt_path {known.ckpt_path} is not a file.")
@@ -58,4 +61,4 @@ def main(args: list[str] | None = None) -> ConversionResult:
             "warmup) or the config has no QuantizationCallback."
         )
     output_dir = known.output_dir or default_output_dir(known.ckpt_path)
-    return convert_from_trainer(cli.trainer, cli.model, output_dir, onnx=known.onnx)
+    return convert_from_trainer(cli.trainer, cli.model, output_dir, known.formats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from qat_lightning.convert.api import ConversionResult, compare_predictions, convert_model
-from qat_lightning.convert.torchscript import load_script
+from qat_lightning.convert.api import Batch, ConversionResult, convert_model
+from qat_lightning.convert.backends import DEFAULT_FORMATS
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SUBDIR = "quantized"
+_HOW_TO_LOAD = {
+    "pt2": "torch.export.load('{path}').module()",
+    "onnx": "onnxruntime.InferenceSession('{path}')",
+    "executorch": "executorch.runtime.Runtime.get().load_program('{path}')",
+    "x86": "torch._inductor.aoti_load_package('{path}')",
+}
 
 
 def model_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -42,84 +49,76 @@ def default_output_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / OUTPUT_SUBDIR
 
 
+def _loaders(dataloaders: Any) -> list[Any]:
+    if dataloaders is None:
+        return []
+    return list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+
+
+def _validation_batches(trainer: pl.Trainer, count: int) -> Iterator[Batch]:
+    """Up to ``count`` ``(inputs, labels)`` batches of the validation dataloaders, read one at a time."""
+    batches = itertools.chain.from_iterable(_loaders(trainer.val_dataloaders))
+    for batch in itertools.islice(batches, count):
+        yield model_inputs(batch), _labels(batch)
+
+
+def _example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
+    example = pl_module.example_input_array
+    if example is not None:
+        return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    for loader in _loaders(trainer.train_dataloader) + _loaders(trainer.val_dataloaders):
+        for batch in loader:
+            return model_inputs(batch)
+    raise ValueError("No example input: set `example_input_array` on the LightningModule or give a dataloader.")
+
+
 def convert_from_trainer(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     output_dir: str | Path | None = None,
-    onnx: bool = False,
-    calibration_batches: int = 4,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     agreement_batches: int = 100,
 ) -> ConversionResult:
-    """``convert_model`` the trainer's model and check the int8 file against it on the validation data.
+    """``convert_model`` the trainer's model and check every file against it on the validation data.
 
-    Example inputs: ``pl_module.example_input_array`` if set, else the first training batch (validation
-    batch when there is no training dataloader, as after ``Trainer.validate``); up to
-    ``calibration_batches`` of these batches calibrate the quantization points without trained scales.
-    The int8 file's predictions are compared with the fake-quant model's on (up to ``agreement_batches``
-    batches of) the validation dataloader, when there is one; the agreement and both accuracies are logged
-    as ``int8/agreement``, ``int8/val_acc`` and ``int8/fake_quant_val_acc``.
+    Example inputs: ``pl_module.example_input_array`` if set, else the first training batch (validation batch
+    when there is no training dataloader, as after ``Trainer.validate``). Each file's predictions are compared
+    with the fake-quant model's on up to ``agreement_batches`` batches of the validation dataloaders (the example
+    inputs when there are none); the figures are printed, logged as ``int8/<format>/agreement``,
+    ``int8/<format>/relative_error``, ``int8/<format>/val_acc`` (and ``int8/fake_quant_val_acc``) and written to
+    ``conversion_report.json`` next to the files.
     """
-    batches = _first_batches(trainer.train_dataloader or trainer.val_dataloaders, calibration_batches)
-    if pl_module.example_input_array is not None:
-        example = pl_module.example_input_array
-        example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-    elif batches:
-        example = model_inputs(batches[0])
-    else:
-        raise ValueError("No example input: set `example_input_array` on the LightningModule or give a dataloader.")
+    example = _example_inputs(trainer, pl_module)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(trainer)
-    result = convert_model(
-        pl_module,
-        example,
-        output_dir,
-        calibration_inputs=[model_inputs(b) for b in batches],
-        onnx=onnx,
-    )
+    checks = _validation_batches(trainer, agreement_batches) if trainer.val_dataloaders is not None else None
+    result = convert_model(pl_module, example, output_dir, formats=formats, check_batches=checks)
     files = ", ".join(f"{p.name} ({size / 1e3:.1f} kB)" for p, size in result.sizes.items())
     rank_zero_info(
         f"qat-lightning: int8 model written to {output_dir}: {files}; {len(result.int8_layers)} layers on int8 "
-        f"kernels, {len(result.float_layers)} float. Load it with `torch.jit.load('{result.int8_path}')`."
+        f"weights and inputs, {len(result.float_layers)} float."
     )
-    if trainer.val_dataloaders is not None:
-        _report_agreement(
-            trainer, pl_module, result, [b for loader in _loaders(trainer.val_dataloaders) for b in loader]
-        )
+    for fmt in result.fidelity:
+        rank_zero_info(f"qat-lightning: load the {fmt} file with `{_HOW_TO_LOAD[fmt].format(path=result.paths[fmt])}`.")
+    _log_fidelity(trainer, result)
     return result
 
 
-def _loaders(dataloaders: Any) -> list[Any]:
-    return list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-
-
-def _first_batches(dataloaders: Any, count: int) -> list[Any]:
-    if dataloaders is None:
-        return []
-    return list(itertools.islice(itertools.chain.from_iterable(_loaders(dataloaders)), count))
-
-
-def _report_agreement(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, result: ConversionResult, batches: list[Any]
-) -> None:
-    int8 = load_script(str(result.int8_path))
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
-        device = pl_module.device
-        agreement = compare_predictions(
-            lambda *x: pl_module(*(t.to(device) for t in x)).cpu(),
-            int8,
-            [(tuple(t.cpu() for t in model_inputs(b)), _labels(b)) for b in batches],
+def _log_fidelity(trainer: pl.Trainer, result: ConversionResult) -> None:
+    metrics: dict[str, float] = {}
+    for fmt, fidelity in result.fidelity.items():
+        metrics[f"int8/{fmt}/agreement"] = fidelity.agreement
+        metrics[f"int8/{fmt}/relative_error"] = fidelity.relative_error
+        if fidelity.accuracy is not None:
+            metrics[f"int8/{fmt}/val_acc"] = fidelity.accuracy
+            metrics["int8/fake_quant_val_acc"] = fidelity.reference_accuracy
+        rank_zero_info(
+            f"qat-lightning: {fmt} file vs fake-quant model on {fidelity.samples} samples: agreement "
+            f"{fidelity.agreement:.4f}, relative logit error {fidelity.relative_error:.4f}"
+            + (
+                f", accuracy {fidelity.accuracy:.4f} (fake-quant {fidelity.reference_accuracy:.4f})"
+                if fidelity.accuracy is not None
+                else ""
+            )
         )
-    finally:
-        pl_module.train(was_training)
-    metrics = {"int8/agreement": agreement.agreement}
-    if agreement.candidate_accuracy is not None:
-        metrics["int8/val_acc"] = agreement.candidate_accuracy
-        metrics["int8/fake_quant_val_acc"] = agreement.reference_accuracy
-    rank_zero_info(
-        "qat-lightning: int8 vs fake-quant on "
-        f"{agreement.samples} validation samples: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    )
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-    result.agreement = agreement

@@ -15,13 +15,15 @@ for small models (see ``save_packed_weights``).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qat_lightning.convert.integer_model import IntegerLayer, read_layer
 from qat_lightning.nn import fake_quantized_layers
-from qat_lightning.quant import FakeQuantizer, quant_range
+from qat_lightning.quant import quant_range
 
 FORMAT = "qat-lightning/packed-weights/v1"
 PACKABLE_BITS = (2, 4, 8)
@@ -76,48 +78,48 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return unsigned.flatten()[:numel] - 2 ** (width - 1)
 
 
-def _packed_layers(model: nn.Module) -> dict[str, dict]:
-    layers = {}
-    for name, layer in fake_quantized_layers(model):
-        quantizer, inputs = layer.weight_quantizer, layer.input_quantizer
-        bits = quantizer.config.bits
-        if bits > 8:
-            continue
-        scale = quantizer.scale.detach().float().cpu()
-        grid_weight = layer.quantized_weight().detach().float().cpu()
-        codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1)))
-        input_grid = (
-            (inputs.config.bits, float(inputs.scale.detach()), int(inputs.zero_point))
-            if isinstance(inputs, FakeQuantizer)
-            else None
-        )
-        layers[f"{name}.weight" if name else "weight"] = {
-            "bits": bits,
-            "shape": tuple(grid_weight.shape),
-            "codes": pack_codes(codes, bits),
-            "scale": scale,
-            "input": input_grid,
+def _packed_layers(layers: Mapping[str, IntegerLayer]) -> dict[str, dict]:
+    return {
+        f"{name}.weight" if name else "weight": {
+            "bits": layer.bits,
+            "shape": tuple(layer.codes.shape),
+            "codes": pack_codes(layer.codes, layer.bits),
+            "scale": layer.scale.float().cpu(),
+            "input": (layer.input.bits, layer.input.scale, layer.input.zero_point) if layer.input else None,
         }
-    return layers
+        for name, layer in layers.items()
+        if layer.bits <= 8
+    }
 
 
 def save_packed_weights(model: nn.Module, path: str | Path) -> Path:
     """Write the weights of a fake-quant ``model`` with each quantized weight packed at its bit width.
 
-    Layers wider than 8 bits and all other tensors of the float model's ``state_dict`` (biases,
-    BatchNorm, unquantized layers) are stored as they are. Quantizer state is not stored: the codes, the
-    per-channel scales and each layer's input grid ``(bits, scale, zero_point)`` in the index are all the
-    quantized model needs.
+    Reads the layers as ``integer_model.read_layer`` does, then ``write_packed_weights``.
+    """
+    layers = {name: read_layer(name, layer) for name, layer in fake_quantized_layers(model)}
+    return write_packed_weights(model.state_dict(), layers, path)
+
+
+def write_packed_weights(
+    state_dict: Mapping[str, torch.Tensor], layers: Mapping[str, IntegerLayer], path: str | Path
+) -> Path:
+    """Write ``state_dict`` (of a fake-quant model) with the weight of each of ``layers`` packed at its bits.
+
+    ``layers`` are the integer read-out of the trained layers (before any BatchNorm fold). Layers wider than 8
+    bits and all other tensors of the float model's ``state_dict`` (biases, BatchNorm, unquantized layers) are
+    stored as they are. Quantizer state is not stored: the codes, the per-channel scales and each layer's input
+    grid ``(bits, scale, zero_point)`` in the index are all the quantized model needs.
 
     Layout: ``layers`` lists ``(name, bits, shape, input_grid)``; their packed codes follow each other in
     ``banks["codes"]`` and their scales in ``banks["scales"]``. ``tensors`` lists ``(name, shape)`` per dtype;
     their values follow each other in ``banks[dtype]``.
     """
-    layers = _packed_layers(model)
+    layers = _packed_layers(layers)
     float_state = {
         k: v.detach().cpu()
-        for k, v in model.state_dict().items()
-        if k not in layers and not any(s in f".{k}" for s in _QUANTIZER_KEYS)
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and k not in layers and not any(s in f".{k}" for s in _QUANTIZER_KEYS)
     }
     banks: dict[str, list[torch.Tensor]] = defaultdict(list)
     tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)

@@ -1,0 +1,108 @@
+"""``<name>_int8.onnx``: the reference int8 program in ONNX QDQ form (``QuantizeLinear``/``DequantizeLinear``).
+
+Written by torch's ``torch.export``-based ONNX exporter from the reference program: int8 weight initializers with
+per-channel scales, each integer layer's input on its trained grid (a ``Clip`` in front of ``QuantizeLinear``
+narrows the 8-bit container to a ``b < 8``-bit grid). Runs in ONNX Runtime, OpenVINO and TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qat_lightning.convert.reference import ReferenceSource
+
+NAME = "onnx"
+FILE_NAME = "{name}_int8.onnx"
+ONNX_OPSET = 18
+
+
+def requirement() -> str | None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    return f"`pip install {' '.join(missing)}`" if missing else None
+
+
+def write(source: ReferenceSource, path: Path) -> None:
+    program = source.program(torch.uint8)
+    names = [f"input{i}" for i in range(len(source.example_inputs))]
+    quiet = logging.getLogger("onnxscript").level
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(
+            program,
+            source.example_inputs,
+            path,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=names,
+            output_names=["output"],
+            external_data=False,
+            verbose=False,
+        )
+    finally:
+        logging.getLogger("onnxscript").setLevel(quiet)
+    import onnx
+
+    proto = onnx.load(str(path))
+    _drop_debug_metadata(proto)
+    _keep_biases_float(proto)
+    onnx.save(proto, str(path))
+
+
+def _drop_debug_metadata(proto) -> None:  # type: ignore[no-untyped-def]
+    """Remove what only helps debugging: the exporter's per-node strings (source locations, FX node text; half
+    the file otherwise), node names (optional in ONNX) and the inferred shapes of intermediate values."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = node.name = ""
+    del proto.graph.value_info[:]
+
+
+def _keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
+    """Move the float bias of each Conv/Gemm on dequantized inputs into an ``Add`` after it.
+
+    ONNX Runtime otherwise rounds such a bias to int32 on the ``input_scale * weight_scale`` grid
+    (``WeightBiasQuantization``), which QAT never did: up to half a step per channel, 5-20% of the logits of
+    4-bit models in our tests. As an ``Add`` it stays the trained float bias; OpenVINO fuses it back.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    produced_by = {out: n for n in proto.graph.node for out in n.output}
+    nodes = []
+    for node in proto.graph.node:
+        nodes.append(node)
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        if produced_by.get(node.input[0], node).op_type != "DequantizeLinear":
+            continue
+        spatial = next((len(a.ints) for a in node.attribute if a.name == "kernel_shape"), 0)
+        bias_name = f"{node.input[2]}_as_add"
+        bias = numpy_helper.to_array(initializers[node.input[2]])
+        proto.graph.initializer.append(numpy_helper.from_array(bias.reshape((1, -1) + (1,) * spatial), bias_name))
+        output = node.output[0]
+        node.output[0] = f"{output}_without_bias"
+        del node.input[2]
+        nodes.append(helper.make_node("Add", [node.output[0], bias_name], [output]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    for unused in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(unused)
+
+
+def load(path: Path) -> Callable[..., torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
+        return torch.from_numpy(session.run(None, feeds)[0])
+
+    return run

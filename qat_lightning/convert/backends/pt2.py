@@ -1,0 +1,37 @@
+"""``<name>_int8.pt2``: the reference int8 program, saved with ``torch.export.save``.
+
+Its quantize/dequantize steps are plain ATen arithmetic (``reference.plain_aten``) and its weights int8 codes with
+per-channel scales, so ``torch.export.load(path).module()`` runs it in a process that has torch alone, on any
+device torch supports, with the numbers of the validated fake-quant model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qat_lightning.convert.reference import ReferenceSource, plain_aten
+
+NAME = "pt2"
+FILE_NAME = "{name}_int8.pt2"
+# Node metadata that only helps debugging: dropping it keeps the file close to the size of its int8 weights.
+_DEBUG_META = ("stack_trace", "source_fn_stack", "from_node", "nn_module_stack", "torch_fn", "original_aten")
+
+
+def requirement() -> str | None:
+    return None
+
+
+def write(source: ReferenceSource, path: Path) -> None:
+    program = plain_aten(source.program(torch.uint8))
+    for node in program.graph.nodes:
+        for key in _DEBUG_META:
+            node.meta.pop(key, None)
+    program.example_inputs = None  # the file needs no sample inputs
+    torch.export.save(program, path)
+
+
+def load(path: Path) -> Callable[..., torch.Tensor]:
+    return torch.export.load(path).module()

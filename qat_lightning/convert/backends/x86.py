@@ -1,0 +1,65 @@
+"""``<name>_x86.pt2``: the reference int8 program compiled ahead of time for x86 CPUs (oneDNN int8 kernels).
+
+AOTInductor (``torch._inductor.aoti_compile_and_package``, PyTorch's documented ahead-of-time path) compiles the
+program with inductor's freezing passes, which fuse each ``dequantize -> conv/linear`` into oneDNN's
+``qconv``/``qlinear`` kernels with prepacked weights. ``torch._inductor.aoti_load_package(path)`` runs the package
+in a process that has torch alone (no compiler needed to load; writing it needs a C++ compiler).
+
+This is the one backend that leans on internals: in torch 2.14 the int8 fusion patterns are registered by
+importing torchao's x86 inductor quantizer, and they apply only under ``torch.no_grad()``. It is optional
+(``formats=("x86",)``), gated on the torch versions it was checked with, and
+``tests/test_backends.py::test_x86_package_calls_onednn_int8_kernels`` fails loudly if a torch release stops
+producing int8 kernels this way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qat_lightning.convert.reference import ReferenceSource
+
+NAME = "x86"
+FILE_NAME = "{name}_x86.pt2"
+TESTED_TORCH = ((2, 6), (2, 14))  # oldest and newest (major, minor) checked
+MAX_RELATIVE_ERROR = 0.01  # of the package's output against the program's on the example inputs
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def requirement() -> str | None:
+    oldest, newest = TESTED_TORCH
+    if not oldest <= _torch_version() <= newest:
+        return (
+            f"torch {oldest[0]}.{oldest[1]} to {newest[0]}.{newest[1]} (this is {torch.__version__}, whose inductor "
+            "internals the x86 backend was not checked with; use the 'onnx' or 'pt2' formats)"
+        )
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return None if compiler else "a C++ compiler (e.g. `apt-get install g++`) to compile the package"
+
+
+def write(source: ReferenceSource, path: Path) -> None:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 - registers the int8 fusions
+
+    program = source.program(torch.uint8)
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
+        expected = program.module()(*source.example_inputs)
+        error = float((load(path)(*source.example_inputs) - expected).norm() / expected.norm().clamp(min=1e-12))
+    if error > MAX_RELATIVE_ERROR:
+        raise RuntimeError(
+            f"the compiled package computes something else than the int8 program (relative error {error:.3f} on the "
+            "example inputs). oneDNN's fused int8 kernels are known to go wrong for convolutions with a single "
+            "input channel (grayscale images); use the 'onnx' or 'pt2' formats for this model"
+        )
+
+
+def load(path: Path) -> Callable[..., torch.Tensor]:
+    return torch._inductor.aoti_load_package(str(path))

@@ -1,0 +1,196 @@
+"""The integer read-out of a trained fake-quant model: the one place every artifact is built from.
+
+``integer_model(model, example_inputs)`` reads each fake-quantized layer once (weight codes, per-channel scales,
+its input grid), folds BatchNorm into the layers that feed it (codes keep their magnitude, scales absorb
+``|gamma / sqrt(var + eps)|``), and returns an ``IntegerModel``: a float copy of the model whose integer layers
+compute ``codes * scale`` on inputs rounded to their trained grid, plus the records the backends write. Nothing
+else in the model is quantized, exactly as in QAT (residual adds, concatenations and pooling stay float), so
+every artifact computes what the validated model computed.
+
+Layers that no integer kernel can run (weights or inputs wider than 8 bits, float inputs, a scheme other than
+symmetric weights and per-tensor inputs) stay float in the artifacts: their weights keep their grid values and
+their inputs their trained fake quantization (``FrozenInputGrid``), so they also compute what was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
+from qat_lightning.convert.export import export_program
+from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
+from qat_lightning.quant import FakeQuantizer, quant_range
+from qat_lightning.quant.primitives import EPS
+
+INTEGER_MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class InputGrid:
+    """A per-tensor affine grid: ``x = (q - zero_point) * scale`` with ``q`` in ``quant_min..quant_max``."""
+
+    scale: float
+    zero_point: int
+    bits: int
+    symmetric: bool = False
+
+    @property
+    def quant_min(self) -> int:
+        return quant_range(self.bits, self.symmetric)[0]
+
+    @property
+    def quant_max(self) -> int:
+        return quant_range(self.bits, self.symmetric)[1]
+
+    @classmethod
+    def of(cls, quantizer: FakeQuantizer) -> InputGrid:
+        """The grid a per-tensor quantizer uses now (its scale clamped as its forward pass clamps it)."""
+        scale = float(quantizer.scale.detach().clamp(min=EPS))
+        return cls(scale, int(quantizer.zero_point), quantizer.config.bits, quantizer.config.symmetric)
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """The integer form of one trained layer: ``weight = codes * scale`` and the grid of its input.
+
+    Attributes:
+        name: qualified module name.
+        codes: integer weight codes, int8 (int32 above 8 bits), shape of the weight.
+        scale: per-output-channel weight scale, float32, shape ``(C,)`` (a per-tensor scale is repeated).
+        bits: weight bit width (codes lie in ``-2**(bits-1) .. 2**(bits-1) - 1``).
+        input: the trained grid of the layer input (``None``: float input, for a layer that stays float).
+    """
+
+    name: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    input: InputGrid | None
+
+    def weight(self) -> torch.Tensor:
+        """``codes * scale`` (float32), exactly the weight the fake-quant layer used (after any fold)."""
+        return self.codes.float() * self.scale.reshape((-1,) + (1,) * (self.codes.dim() - 1))
+
+    def folded(self, factor: torch.Tensor) -> IntegerLayer:
+        """The same layer after BatchNorm folding with per-channel ``factor`` (see ``batchnorm_factor``).
+
+        Codes keep their magnitude (their sign flips where ``factor < 0``) and scales become
+        ``scale * |factor|``, so ``folded.weight() == weight() * factor`` on the same grid. Only a code of -128
+        that flips to +128 leaves the int8 container and is clamped to 127 (one step on one weight); a ``b < 8``-bit
+        code may end one step past its grid's positive end, which the int8 kernels compute exactly. Channels with
+        ``factor == 0`` become zero.
+        """
+        sign = torch.sign(factor).to(torch.int32).reshape((-1,) + (1,) * (self.codes.dim() - 1))
+        codes = self.codes.to(torch.int32) * sign
+        if self.codes.dtype == torch.int8:
+            codes = torch.clamp(codes, -128, 127)
+        codes = codes.to(self.codes.dtype)
+        scale = torch.where(factor == 0, self.scale, self.scale * factor.abs())
+        return dataclasses.replace(self, codes=codes, scale=scale)
+
+
+def integer_unsupported_reason(layer: FakeQuantizedLayer) -> str | None:
+    """Why no integer kernel can run ``layer`` (``None`` if one can)."""
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    if wq.config.bits > INTEGER_MAX_BITS:
+        return f"{wq.config.bits}-bit weights (integer kernels take at most 8)"
+    if not isinstance(iq, FakeQuantizer):
+        return "float inputs (no input quantizer)"
+    if iq.config.bits > INTEGER_MAX_BITS:
+        return f"{iq.config.bits}-bit inputs (integer kernels take at most 8)"
+    if not (wq.calibrated and iq.calibrated):
+        return "its quantizers never saw data"
+    if not wq.config.symmetric or iq.config.per_channel:
+        return "a scheme other than symmetric weights and per-tensor inputs"
+    return None
+
+
+def read_layer(name: str, layer: FakeQuantizedLayer) -> IntegerLayer:
+    """Read the integer form of a fake-quantized layer (the grids its forward pass uses now).
+
+    The codes are read off the fake-quantized weight itself, so they follow the fake-quant kernel's rounding
+    (``x * (1 / scale)``) also where ``x / scale`` lands on a tie, as each channel's extreme weight does. Codes
+    are int8 up to 8 bits, int32 above; ``input`` is ``None`` when the layer input is float or never observed.
+    """
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    grid_weight = layer.quantized_weight().detach().float()
+    scale = wq.scale.detach().float().clamp(min=EPS).expand(grid_weight.shape[0]).clone()
+    codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1)))
+    dtype = torch.int8 if wq.config.bits <= INTEGER_MAX_BITS else torch.int32
+    grid = InputGrid.of(iq) if isinstance(iq, FakeQuantizer) and iq.calibrated else None
+    return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid)
+
+
+class FrozenInputGrid(nn.Module):
+    """A trained per-tensor input quantizer as plain ATen arithmetic (exportable, same rounding as training).
+
+    ``(clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max) - zero_point) * scale``, as the
+    fake-quant kernel computes it; used for layers that stay float so that they still see their trained grid.
+    """
+
+    def __init__(self, grid: InputGrid) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.grid
+        q = torch.clamp(torch.round(x * (1.0 / g.scale)) + g.zero_point, g.quant_min, g.quant_max)
+        return (q - g.zero_point) * g.scale
+
+
+@dataclass
+class IntegerModel:
+    """A trained fake-quant model read out in integer form.
+
+    Attributes:
+        model: float copy in eval mode, BatchNorm folded; each layer of ``layers`` is a plain float layer whose
+            weight is ``codes * scale`` (its input still float: the backends put the grid in front of it); the
+            layers of ``float_layers`` keep their grid weights and a ``FrozenInputGrid`` on their input.
+        layers: the integer layers, BatchNorm folded (what the deploy graphs compute with).
+        trained_layers: the same layers before folding (the weights of the float architecture, for the packed
+            low-bit file), including layers wider than 8 bits that could still be packed.
+        float_layers: ``{name: reason}`` of the fake-quantized layers that stay float.
+    """
+
+    model: nn.Module
+    layers: dict[str, IntegerLayer]
+    trained_layers: dict[str, IntegerLayer]
+    float_layers: dict[str, str]
+
+
+@torch.no_grad()
+def integer_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> IntegerModel:
+    """Read a trained fake-quant ``model`` (left untouched) out as an ``IntegerModel``.
+
+    Args:
+        model: a model whose layers were fake-quantized (``QuantizationCallback``, ``apply_plan``), on the CPU.
+        example_inputs: one batch of ``model``'s positional inputs (BatchNorm pairs are found on its graph).
+    """
+    copy_ = copy.deepcopy(model).eval()
+    layers, trained, float_layers = {}, {}, {}
+    for name, layer in list(fake_quantized_layers(copy_)):
+        reason = integer_unsupported_reason(layer)
+        if reason is None:
+            layers[name] = trained[name] = read_layer(name, layer)
+            restore_float_layer(layer)
+            continue
+        float_layers[name] = reason
+        if layer.weight_quantizer.calibrated and layer.weight_quantizer.config.symmetric:
+            trained[name] = read_layer(name, layer)
+        layer.weight = nn.Parameter(layer.quantized_weight().detach(), requires_grad=False)
+        layer.weight_quantizer = nn.Identity()
+        iq = layer.input_quantizer
+        if isinstance(iq, FakeQuantizer):
+            layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if iq.calibrated else nn.Identity()
+    pairs = find_batchnorm_pairs(export_program(copy_, example_inputs).graph)
+    for name, factor in fold_batchnorms(copy_, pairs).items():
+        if name in layers:
+            layers[name] = layers[name].folded(factor)
+    for name, layer in layers.items():
+        copy_.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
+    return IntegerModel(copy_, layers, trained, float_layers)

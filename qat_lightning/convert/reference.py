@@ -1,0 +1,154 @@
+"""The reference int8 program: an ``IntegerModel`` on ``torch.export``, quantize/dequantize where QAT quantized.
+
+Each integer layer of the read-out becomes ``conv/linear(dequantize(quantize(x)), dequantize(codes))`` with the
+standard PT2E quantize/dequantize ops (``quantized_decomposed``, what torchao's ``convert_pt2e`` writes and what
+ONNX, ExecuTorch/XNNPACK and inductor lower to integer kernels). The weight is stored once, as int8 codes with
+per-channel scales. A ``b < 8``-bit input grid is an 8-bit quantize after a float ``clamp`` to the grid's range
+(quantizing is monotone, so this is exactly the ``b``-bit rounding), which every runtime understands. Everything
+else stays float, as in QAT.
+
+``plain_aten(program)`` rewrites the quantize/dequantize ops as ordinary ATen arithmetic, so that the saved
+``.pt2`` file loads with ``torch.export.load`` in a process that has torch alone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning.convert.export import export_program
+from qat_lightning.convert.integer_model import InputGrid, IntegerModel
+
+_CONTAINER_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _qdq_ops():  # type: ignore[no-untyped-def]
+    """``torch.ops.quantized_decomposed`` (registered by torchao's PT2E package, which imports torch's library)."""
+    import torchao.quantization.pt2e  # noqa: F401 - registers the quantized_decomposed ops
+
+    return torch.ops.quantized_decomposed
+
+
+class QuantizeDequantize(nn.Module):
+    """``x`` rounded to a trained per-tensor grid, written as the PT2E ``quantize -> dequantize`` pair.
+
+    The grid's codes are shifted into the 8-bit container ``dtype`` (``uint8`` for x86 and ONNX Runtime, ``int8``
+    for XNNPACK): ``(q - zp) * s == (q + k - (zp + k)) * s``. A grid narrower than the container is a float
+    ``clamp`` to ``[(qmin - zp) * s, (qmax - zp) * s]`` first.
+    """
+
+    def __init__(self, grid: InputGrid, dtype: torch.dtype = torch.uint8) -> None:
+        super().__init__()
+        cmin, cmax = _CONTAINER_RANGE[dtype]
+        shift = cmin - grid.quant_min if grid.quant_min < cmin or grid.quant_max > cmax else 0
+        self.scale, self.zero_point, self.dtype = grid.scale, grid.zero_point + shift, dtype
+        self.quant_min, self.quant_max = cmin, cmax
+        narrow = (grid.quant_min + shift, grid.quant_max + shift) != (cmin, cmax)
+        self.clip = (
+            ((grid.quant_min - grid.zero_point) * grid.scale, (grid.quant_max - grid.zero_point) * grid.scale)
+            if narrow
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _qdq_ops()
+        if self.clip is not None:
+            x = torch.clamp(x, *self.clip)
+        args = (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
+        return ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
+
+
+class _IntegerWeightLayer(nn.Module):
+    """Mixin of the reference layers: the weight is ``dequantize_per_channel(codes)``, the input on its grid."""
+
+    weight_codes: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    input_grid: QuantizeDequantize
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _qdq_ops().dequantize_per_channel.default(
+            self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
+        )
+
+
+class _IntegerConv(_IntegerWeightLayer):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_grid(input), self.dequantized_weight(), self.bias)  # type: ignore[attr-defined]
+
+
+class _IntegerLinear(_IntegerWeightLayer):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_grid(input), self.dequantized_weight(), self.bias)  # type: ignore[attr-defined]
+
+
+def _integer_class(float_class: type[nn.Module]) -> type[nn.Module]:
+    mixin = _IntegerLinear if issubclass(float_class, nn.Linear) else _IntegerConv
+    return type(f"Integer{float_class.__name__}", (mixin, float_class), {"__module__": __name__})
+
+
+def reference_module(integer: IntegerModel, activation_dtype: torch.dtype = torch.uint8) -> nn.Module:
+    """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager)."""
+    module = copy.deepcopy(integer.model)
+    for name, layer in integer.layers.items():
+        target = module.get_submodule(name)
+        del target.weight
+        target.register_buffer("weight_codes", layer.codes.to(torch.int8).clone())
+        target.register_buffer("weight_scale", layer.scale.clone())
+        target.register_buffer("weight_zero_point", torch.zeros(layer.scale.shape, dtype=torch.int64))
+        target.input_grid = QuantizeDequantize(layer.input, activation_dtype)
+        target.__class__ = _integer_class(type(target))
+    return module.eval()
+
+
+def reference_program(
+    integer: IntegerModel, example_inputs: tuple[torch.Tensor, ...], activation_dtype: torch.dtype = torch.uint8
+) -> torch.export.ExportedProgram:
+    """The reference int8 program of ``integer`` (dynamic batch dimension where the model allows it)."""
+    return export_program(reference_module(integer, activation_dtype), example_inputs)
+
+
+def _quantize_aten(x, scale, zero_point, quant_min, quant_max, dtype):  # type: ignore[no-untyped-def]
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max).to(dtype)
+
+
+def _dequantize_aten(q, scale, zero_point, quant_min, quant_max, dtype, *, out_dtype=None):  # type: ignore[no-untyped-def]
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def _dequantize_per_channel_aten(q, scales, zero_points, axis, quant_min, quant_max, dtype, *, out_dtype=None):  # type: ignore[no-untyped-def]
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q.to(torch.float32) - zero_points.reshape(shape)) * scales.reshape(shape)
+
+
+def plain_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with its quantize/dequantize ops as ATen arithmetic (same numbers; loads with torch alone)."""
+    ops = _qdq_ops()
+    table = {
+        ops.quantize_per_tensor.default: _quantize_aten,
+        ops.dequantize_per_tensor.default: _dequantize_aten,
+        ops.dequantize_per_channel.default: _dequantize_per_channel_aten,
+    }
+    return program.run_decompositions(table)
+
+
+class ReferenceSource:
+    """What every backend builds from: the integer read-out, example inputs, and its reference programs.
+
+    ``program(dtype)`` exports the reference program with ``dtype`` activation codes once and caches it, so the
+    backends that share a flavour share one program.
+    """
+
+    def __init__(self, integer: IntegerModel, example_inputs: tuple[torch.Tensor, ...]) -> None:
+        self.integer = integer
+        self.example_inputs = tuple(example_inputs)
+        self._programs: dict[torch.dtype, torch.export.ExportedProgram] = {}
+
+    def program(self, activation_dtype: torch.dtype = torch.uint8) -> torch.export.ExportedProgram:
+        if activation_dtype not in self._programs:
+            self._programs[activation_dtype] = reference_program(self.integer, self.example_inputs, activation_dtype)
+        return self._programs[activation_dtype]

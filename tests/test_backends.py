@@ -1,0 +1,100 @@
+"""The optional backends: what each writes, that it runs what was trained, and that it fails with a clear reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from qat_lightning import convert_model
+from qat_lightning.convert import BACKENDS, DEFAULT_FORMATS
+from qat_lightning.convert.backends import backend, check_formats
+from qat_lightning.nn import apply_plan, plan_quantization
+
+
+def _calibrated(model: nn.Module, in_channels: int, bits: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    apply_plan(model, plan_quantization(model, bits, first_last_bits=8))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, in_channels, 16, 16))
+    return model.eval()
+
+
+def _rgb_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+def test_formats_are_checked_by_name_and_dependency() -> None:
+    assert set(DEFAULT_FORMATS) <= set(BACKENDS)
+    assert check_formats(["pt2"]) == ("pt2",) and check_formats("onnx") == ("onnx",)
+    with pytest.raises(ValueError, match=r"Unknown format 'tflite'; `formats` takes any of \('pt2', 'onnx'"):
+        check_formats(("pt2", "tflite"))
+
+
+def test_x86_version_gate_names_the_supported_torch(monkeypatch) -> None:
+    x86 = backend("x86")
+    monkeypatch.setattr(x86, "_torch_version", lambda: (2, 99))
+    assert "torch 2.6 to 2.14 (this is" in x86.requirement()
+    with pytest.raises(ValueError, match="Format 'x86' needs packages that are not installed: torch 2.6 to 2.14"):
+        check_formats(("x86",))
+
+
+x86_available = pytest.mark.skipif(backend("x86").requirement() is not None, reason="no C++ compiler / torch")
+
+
+@x86_available
+def test_x86_package_calls_onednn_int8_kernels_and_follows_the_model(tmp_path) -> None:
+    """Fails loudly if a torch release stops fusing the reference program into oneDNN int8 kernels."""
+    model = _calibrated(_rgb_cnn(), 3)
+    batches = [((torch.randn(8, 3, 16, 16),), None) for _ in range(3)]
+    result = convert_model(model, batches[0][0], tmp_path, formats=("x86",), packed=False, check_batches=batches)
+
+    assert result.failed == {}
+    fidelity = result.fidelity["x86"]
+    assert fidelity.agreement == 1.0 and fidelity.relative_error < 0.01, fidelity
+    wrappers = [n for n in zipfile.ZipFile(result.paths["x86"]).namelist() if n.endswith("wrapper.cpp")]
+    code = zipfile.ZipFile(result.paths["x86"]).read(wrappers[0]).decode()
+    assert code.count("qconv_pointwise") >= 2 and "qlinear_pointwise" in code  # int8 kernels, not float convs
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.save({"x": x, "expected": model(x)}, tmp_path / "io.pt")
+    script = (
+        "import sys; sys.modules['qat_lightning'] = None; sys.modules['torchao'] = None\n"
+        "import torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"model = torch._inductor.aoti_load_package({str(result.paths['x86'])!r})\n"
+        "print(float((model(io['x']) - io['expected']).norm() / io['expected'].norm()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.strip().splitlines()[-1]) < 0.01
+
+
+@x86_available
+def test_x86_package_that_computes_something_else_is_refused_and_the_other_files_written(tmp_path) -> None:
+    """oneDNN's fused int8 convolution goes wrong on a single input channel: the backend notices and says so."""
+    torch.manual_seed(0)
+    model = _calibrated(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)), 1)
+    with pytest.warns(UserWarning, match="the 'x86' file could not be written"):
+        result = convert_model(model, (torch.randn(8, 1, 16, 16),), tmp_path, formats=("pt2", "x86"), packed=False)
+    assert "single input channel" in result.failed["x86"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conversion_report.json", "model_int8.pt2"]

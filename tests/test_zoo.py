@@ -1,0 +1,104 @@
+"""Every torchvision classifier family (smallest variant) converts at 8 and 4 bits and its files follow the model.
+
+Models nobody here wrote: random init, small inputs, a few QAT steps (observers and LSQ scales move, BatchNorm
+statistics update), then ``convert_model`` with the default formats. Each file is checked by ``convert_model``
+itself on held-out batches; the test asserts the figures and reads the report back from disk.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qat_lightning import convert_model
+from qat_lightning.nn import apply_plan, plan_quantization
+
+# family -> (builder kwargs, input side); the smallest variant of each classification family, at the smallest
+# input it takes (Inception needs 75 pixels; MaxVit's windows need every stage's side divisible by the partition).
+ZOO: dict[str, tuple[dict, int]] = {
+    "alexnet": ({}, 64),
+    "convnext_tiny": ({}, 32),
+    "densenet121": ({}, 32),
+    "efficientnet_b0": ({}, 32),
+    "efficientnet_v2_s": ({}, 32),
+    "googlenet": ({"aux_logits": False, "init_weights": False}, 32),
+    "inception_v3": ({"aux_logits": False, "init_weights": False}, 80),
+    "maxvit_t": ({}, 64),
+    "mnasnet0_5": ({}, 32),
+    "mobilenet_v2": ({}, 32),
+    "mobilenet_v3_small": ({}, 32),
+    "regnet_x_400mf": ({}, 32),
+    "regnet_y_400mf": ({}, 32),
+    "resnet18": ({}, 32),
+    "resnext50_32x4d": ({}, 32),
+    "shufflenet_v2_x0_5": ({}, 32),
+    "squeezenet1_1": ({}, 32),
+    "swin_t": ({}, 32),
+    "vgg11_bn": ({}, 32),
+    "vit_b_16": ({"image_size": 32}, 32),
+    "wide_resnet50_2": ({}, 32),
+}
+CLASSES = 10
+
+
+def _build(family: str, kwargs: dict) -> nn.Module:
+    if family == "maxvit_t":  # maxvit_t's widths and depths, with windows of 2 so that 64-pixel inputs fit
+        from torchvision.models.maxvit import MaxVit
+
+        return MaxVit(
+            input_size=(64, 64),
+            stem_channels=64,
+            partition_size=2,
+            block_channels=[64, 128, 256, 512],
+            block_layers=[2, 2, 5, 2],
+            head_dim=32,
+            stochastic_depth_prob=0.2,
+            num_classes=CLASSES,
+        )
+    return torchvision.models.get_model(family, weights=None, num_classes=CLASSES, **kwargs)
+
+
+def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
+    """The family's model fake-quantized at ``bits`` (first/last layer at 8) after 4 QAT steps on random data.
+
+    BatchNorm averages the statistics of all batches it saw (``momentum=None``), as a trained model's have
+    converged; with the default momentum, 4 steps leave them mostly at their initial values, far from the data.
+    """
+    kwargs, side = ZOO[family]
+    torch.manual_seed(0)
+    model = _build(family, kwargs)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=None))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(4):  # observers, LSQ scales and BatchNorm statistics move
+        x, y = torch.randn(8, 3, side, side), torch.randint(0, CLASSES, (8,))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), side
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("family", sorted(ZOO))
+def test_torchvision_family_converts_and_files_follow_the_model(family: str, bits: int, tmp_path) -> None:
+    model, side = _qat_model(family, bits)
+    batches = [((torch.randn(8, 3, side, side),), None) for _ in range(3)]
+    result = convert_model(model, batches[0][0], tmp_path, check_batches=batches, packed=False)
+
+    assert result.failed == {}
+    assert set(result.fidelity) == {"pt2", "onnx"}
+    for fmt, fidelity in result.fidelity.items():
+        assert fidelity.samples == 24
+        assert fidelity.agreement >= 0.99, (fmt, fidelity)
+        assert fidelity.relative_error <= 0.02, (fmt, fidelity)
+    report = json.loads((tmp_path / "conversion_report.json").read_text())
+    assert report["float_layers"] == result.float_layers
+    assert sorted(report["int8_layers"]) == result.int8_layers and result.int8_layers
