@@ -1,21 +1,21 @@
-"""Int8 inference: our converted file vs FP32 eager and the stock PyTorch int8 paths, side by side.
+"""Int8 inference: our converted files in their runtimes vs FP32 eager and the stock int8 paths, side by side.
 
-Models: ResNet-20 (CIFAR-shaped, 3x32x32) at batch 1 and 64, and the digits CNN (1x8x8) at batch 64.
+Models: ResNet-20 (CIFAR-shaped, 3x32x32) and torchvision's ResNet-18 (3x64x64 by default), batch 1 and 64.
 Paths, all on CPU with 2 threads, timed in the same process with interleaved rounds (medians):
 
 - ``fp32``: the float model in eager mode.
-- ``ours``: ``qat_lightning.convert_model`` of the 8-bit fake-quant model, loaded with ``torch.jit.load``.
-- ``fx_x86`` / ``fx_onednn``: torch.ao FX ``prepare_fx`` -> calibrate -> ``convert_fx`` with the x86 (default)
-  or oneDNN quantized engine, run as the converted GraphModule (deprecated stock path).
-- ``pt2e_compile``: torchao ``prepare_pt2e`` (X86InductorQuantizer) -> calibrate -> ``convert_pt2e`` ->
-  ``torch.compile`` with inductor freezing (skipped when torchao is missing).
+- ours, from one ``qat_lightning.convert_model`` of the 8-bit fake-quant model (formats pt2, onnx, x86):
+  ``ours_ort`` / ``ours_openvino``: the ONNX QDQ file in ONNX Runtime / OpenVINO; ``ours_x86``: the AOTInductor
+  package (oneDNN int8 kernels); ``ours_pt2``: the ``.pt2`` reference program (portable, not fast).
+- stock: ``fx_x86``: torch.ao FX ``prepare_fx`` -> calibrate -> ``convert_fx`` (deprecated); ``pt2e_compile``: torchao
+  ``prepare_pt2e`` (X86InductorQuantizer) -> calibrate -> ``convert_pt2e`` -> ``torch.compile`` with freezing;
+  ``openvino_nncf``: OpenVINO's own int8, ``nncf.quantize`` of the ``openvino.convert_model`` float model.
 
-Sizes: FP32 ``state_dict``; our int8 TorchScript file; the FX model scripted and saved; our packed 4-bit and
-2-bit weight files. Weights are random (speed and size do not depend on training); the fake-quant models are
-calibrated on random batches. The last line is one JSON object; its headline keys are for ResNet-20 at
-batch 64.
+Sizes: FP32 ``state_dict``; our ONNX, ``.pt2`` and x86 files; our packed 4-bit and 2-bit weight files. Weights are
+random (speed and size do not depend on training); the fake-quant models are calibrated on random batches. The
+last line is one JSON object. OpenVINO paths need ``pip install -e ".[bench]"``.
 
-    python benchmarks/bench_int8.py [--rounds 5] [--quick]
+    python benchmarks/bench_int8.py [--rounds 5] [--quick] [--resnet18-size 64]
 """
 
 from __future__ import annotations
@@ -32,49 +32,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
-from qat_lightning import SmallCNN, convert_model, save_packed_weights
-from qat_lightning.convert.int8 import split_reused_module_calls
+from qat_lightning import convert_model, save_packed_weights
+from qat_lightning.convert.backends import backend
+from qat_lightning.models import resnet20
 from qat_lightning.nn import apply_plan, plan_quantization
 
 warnings.filterwarnings("ignore")
 THREADS = 2
-
-
-def resnet20() -> nn.Module:
-    """``qat_lightning.models.resnet20`` when available, else the same network built here."""
-    try:
-        from qat_lightning.models import resnet20 as library_resnet20
-
-        return library_resnet20()
-    except ImportError:
-        from torchvision.models.resnet import BasicBlock, conv1x1
-
-        class CifarResNet20(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-                self.bn1 = nn.BatchNorm2d(16)
-                self.relu = nn.ReLU(inplace=True)
-                stages, inplanes = [], 16
-                for planes, stride in ((16, 1), (32, 2), (64, 2)):
-                    down = None
-                    if stride != 1 or inplanes != planes:
-                        down = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
-                    blocks = [BasicBlock(inplanes, planes, stride, down), BasicBlock(planes, planes)]
-                    stages.append(nn.Sequential(*blocks, BasicBlock(planes, planes)))
-                    inplanes = planes
-                self.layer1, self.layer2, self.layer3 = stages
-                self.avgpool = nn.AdaptiveAvgPool2d(1)
-                self.fc = nn.Linear(64, 10)
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                x = self.relu(self.bn1(self.conv1(x)))
-                x = self.layer3(self.layer2(self.layer1(x)))
-                return self.fc(torch.flatten(self.avgpool(x), 1))
-
-        return CifarResNet20()
+STOCK = ("fx_x86", "pt2e_compile", "openvino_nncf")
+OURS = ("ours_ort", "ours_openvino", "ours_x86", "ours_pt2")
 
 
 def float_model(build: Callable[[], nn.Module]) -> nn.Module:
@@ -93,7 +62,7 @@ def float_model(build: Callable[[], nn.Module]) -> nn.Module:
 def fake_quant_model(model: nn.Module, bits: int, batches: list[torch.Tensor]) -> nn.Module:
     """``model`` with fake quantization at ``bits`` (weights and inputs), observers calibrated on ``batches``."""
     qat = copy.deepcopy(model)
-    apply_plan(qat, plan_quantization(qat, bits))
+    apply_plan(qat, plan_quantization(qat, bits, first_last_bits=8))
     qat.train()
     for m in qat.modules():  # keep the BatchNorm statistics: calibrate the quantizers only
         if isinstance(m, nn.BatchNorm2d):
@@ -116,19 +85,25 @@ def fx_int8(model: nn.Module, engine: str, batches: list[torch.Tensor]) -> nn.Mo
     return convert_fx(prepared)
 
 
-def pt2e_compiled(model: nn.Module, batches: list[torch.Tensor], example: torch.Tensor) -> Callable | None:
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-    except ImportError:
-        return None
+def _split_reused_module_calls(graph: torch.fx.Graph) -> None:
+    """Give each call of a module that runs twice (torchvision's ``BasicBlock.relu``) its own name, without which
+    torchao's X86InductorQuantizer fails on ResNets ("Input partition has more than one output node")."""
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            key, (name, cls) = next(reversed(stack.items()))
+            if "@" in key and key.rpartition("@")[2].isdigit():
+                node.meta["nn_module_stack"] = {**stack, key: (f"{name}@{key.rpartition('@')[2]}", cls)}
+
+
+def pt2e_compiled(model: nn.Module, batches: list[torch.Tensor], example: torch.Tensor) -> Callable:
     import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     exported = torch.export.export(copy.deepcopy(model), (example,)).module()
-    # torchao's quantizer rejects a module called twice (torchvision BasicBlock.relu); apply the same metadata
-    # fix as our converter so that the stock path runs at all (it changes no kernel and no quantization point).
-    split_reused_module_calls(exported.graph)
+    _split_reused_module_calls(exported.graph)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in batches:
@@ -139,6 +114,39 @@ def pt2e_compiled(model: nn.Module, batches: list[torch.Tensor], example: torch.
     with torch.no_grad():
         compiled(example)  # compile now, not inside the timed loop
     return compiled
+
+
+def openvino_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openvino_runner(model_or_path, example: torch.Tensor | None = None, calibration=None) -> Callable:
+    """An OpenVINO CPU runner (2 threads) of an ONNX file, or of ``model`` converted and NNCF-quantized."""
+    import openvino as ov
+
+    if calibration is not None:
+        import nncf
+
+        float_ir = ov.convert_model(model_or_path, example_input=example)
+        model_or_path = nncf.quantize(float_ir, nncf.Dataset([x.numpy() for x in calibration]))
+    compiled = ov.Core().compile_model(model_or_path, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
+    request = compiled.create_infer_request()
+    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[compiled.output(0)])
+
+
+def ort_runner(path: Path) -> Callable:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
 def file_size(save: Callable[[Path], object]) -> int:
@@ -172,101 +180,106 @@ def bench_model(
 ) -> dict:
     model = float_model(build)
     calib = [torch.randn(64, *shape) for _ in range(4)]
-    result: dict = {"latency_ms": {}, "size_bytes": {}}
+    result: dict = {"latency_ms": {}, "min_latency_ms": {}, "size_bytes": {}, "fidelity": {}}
     qat8 = fake_quant_model(model, 8, calib)
-    conversion = convert_model(qat8, (calib[0],), out / label, calibration_inputs=[(x,) for x in calib[1:]])
-    ours = torch.jit.load(str(conversion.int8_path))
-    x_check = torch.randn(256, *shape)
-    with torch.no_grad():
-        same = (ours(x_check).argmax(1) == qat8(x_check).argmax(1)).float().mean().item()
-    result["ours_vs_fake_quant_agreement"] = same
-    qat4 = fake_quant_model(model, 4, calib)
-    ours4 = torch.jit.load(str(convert_model(qat4, (calib[0],), out / f"{label}_w4", packed=False).int8_path))
-    fx = {engine: fx_int8(model, engine, calib) for engine in ("x86", "onednn")}
-    torch.backends.quantized.engine = "x86"
-
+    formats = ("pt2", "onnx") + (("x86",) if backend("x86").requirement() is None else ())
+    checks = [((torch.randn(64, *shape),), None) for _ in range(2)]
+    started = time.perf_counter()
+    conversion = convert_model(qat8, (calib[0],), out / label, formats=formats, check_batches=checks)
+    result["convert_s"] = round(time.perf_counter() - started, 1)
+    result["fidelity"] = {fmt: f.as_dict() for fmt, f in conversion.fidelity.items()}
+    ours = {"ours_ort": ort_runner(conversion.paths["onnx"]), "ours_pt2": backend("pt2").load(conversion.paths["pt2"])}
+    if "x86" in conversion.paths:
+        ours["ours_x86"] = backend("x86").load(conversion.paths["x86"])
+    stock: dict[str, Callable] = {"fx_x86": fx_int8(model, "x86", calib)}
+    if openvino_available():
+        ours["ours_openvino"] = openvino_runner(str(conversion.paths["onnx"]))
+        stock["openvino_nncf"] = openvino_runner(copy.deepcopy(model), calib[0], calib)
+    fp32_bytes = file_size(lambda p: torch.save(model.state_dict(), p))
     result["size_bytes"] = {
-        "fp32": file_size(lambda p: torch.save(model.state_dict(), p)),
-        "ours_int8": conversion.sizes[conversion.int8_path],
-        "fx_x86_int8": file_size(lambda p: torch.jit.save(torch.jit.trace(fx["x86"], calib[0]), str(p))),
-        "packed4": file_size(lambda p: save_packed_weights(qat4, p)),
-        "packed2": file_size(lambda p: save_packed_weights(fake_quant_model(model, 2, calib), p)),
+        "fp32": fp32_bytes,
+        **{f"ours_{k}": conversion.sizes[p] for k, p in conversion.paths.items()},
     }
+    result["size_bytes"]["packed4"] = file_size(lambda p: save_packed_weights(fake_quant_model(model, 4, calib), p))
+    result["size_bytes"]["packed2"] = file_size(lambda p: save_packed_weights(fake_quant_model(model, 2, calib), p))
+    result["size_bytes"]["fx_x86_int8"] = file_size(lambda p: torch.save(stock["fx_x86"].state_dict(), p))
     for batch in batch_sizes:
         x = torch.randn(batch, *shape)
-        started = time.perf_counter()
-        compiled = pt2e_compiled(model, calib, x)
-        compile_s = time.perf_counter() - started
-
-        def fx_x86(t: torch.Tensor) -> torch.Tensor:
-            torch.backends.quantized.engine = "x86"
-            return fx["x86"](t)
-
-        def fx_onednn(t: torch.Tensor) -> torch.Tensor:
-            torch.backends.quantized.engine = "onednn"
-            return fx["onednn"](t)
-
-        paths = {"fp32": model, "ours": ours, "ours_w4a4": ours4, "fx_x86": fx_x86, "fx_onednn": fx_onednn}
-        if compiled is not None:
-            paths["pt2e_compile"] = compiled
+        paths = {"fp32": model, **ours, **stock, "pt2e_compile": pt2e_compiled(model, calib, x)}
         iters = 20 if batch == 1 else 3
         timings = time_paths(paths, x, rounds, iters)
-        torch.backends.quantized.engine = "x86"
-        latency = timings["median"]
-        result["latency_ms"][f"batch{batch}"] = latency
-        result.setdefault("min_latency_ms", {})[f"batch{batch}"] = timings["min"]
-        result.setdefault("pt2e_compile_s", {})[f"batch{batch}"] = round(compile_s, 1)
-        print(f"{label} batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in latency.items()), flush=True)  # noqa: T201
-    sizes = result["size_bytes"]
-    print(f"{label} sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in sizes.items()), flush=True)  # noqa: T201
+        result["latency_ms"][f"batch{batch}"] = timings["median"]
+        result["min_latency_ms"][f"batch{batch}"] = timings["min"]
+        line = ", ".join(f"{k} {v:.2f} ms" for k, v in timings["median"].items())
+        print(f"{label} batch {batch}: {line}", flush=True)
+    print(f"{label} sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in result["size_bytes"].items()), flush=True)
     return result
+
+
+def _summary(result: dict) -> dict:
+    out = {}
+    for batch, latency in result["latency_ms"].items():
+        stock = {k: v for k, v in latency.items() if k in STOCK}
+        ours = {k: v for k, v in latency.items() if k in OURS}
+        best_stock, best_ours = min(stock, key=stock.get), min(ours, key=ours.get)
+        out[batch] = {
+            "fastest_ours": best_ours,
+            "fastest_stock": best_stock,
+            "ours_vs_fp32": round(latency["fp32"] / latency[best_ours], 2),
+            "stock_vs_fp32": round(latency["fp32"] / latency[best_stock], 2),
+            "ours_vs_fastest_stock": round(latency[best_stock] / latency[best_ours], 3),
+        }
+    sizes = result["size_bytes"]
+    out["size_vs_fp32"] = {k: round(v / sizes["fp32"], 4) for k, v in sizes.items() if k != "fp32"}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per configuration")
     parser.add_argument("--quick", action="store_true", help="ResNet-20 at batch 64 only, 2 rounds")
+    parser.add_argument("--resnet18-size", type=int, default=64, help="input side of torchvision's ResNet-18")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     rounds = 2 if args.quick else args.rounds
     started = time.perf_counter()
+    side = args.resnet18_size
     with tempfile.TemporaryDirectory() as tmp:
         batches = [64] if args.quick else [1, 64]
         results = {"resnet20": bench_model("resnet20", resnet20, (3, 32, 32), batches, rounds, Path(tmp))}
         if not args.quick:
-            results["digits_cnn"] = bench_model("digits_cnn", SmallCNN, (1, 8, 8), [64], rounds, Path(tmp))
+            build = lambda: torchvision.models.resnet18(num_classes=1000)  # noqa: E731
+            results["resnet18"] = bench_model("resnet18", build, (3, side, side), batches, rounds, Path(tmp))
+    summary = {label: _summary(r) for label, r in results.items()}
+    for label, s in summary.items():
+        for batch, row in s.items():
+            if batch.startswith("batch"):
+                print(
+                    f"{label} {batch}: fastest ours {row['fastest_ours']} {row['ours_vs_fp32']}x FP32; fastest stock "
+                    f"{row['fastest_stock']} {row['stock_vs_fp32']}x; ours / stock {row['ours_vs_fastest_stock']}x"
+                )
+    print(
+        json.dumps(
+            {
+                "summary": summary,
+                "threads": THREADS,
+                "torch": torch.__version__,
+                "cpu": _cpu_name(),
+                "runtime_s": round(time.perf_counter() - started, 1),
+                "results": results,
+            }
+        )
+    )
 
-    rn = results["resnet20"]
-    lat, size, fastest = rn["latency_ms"]["batch64"], rn["size_bytes"], rn["min_latency_ms"]["batch64"]
-    stock = {k: v for k, v in lat.items() if k.startswith(("fx_", "pt2e_"))}
-    best_stock = min(stock, key=stock.get)
-    for label, r in results.items():
-        for batch, lat_b in r["latency_ms"].items():
-            stock_b = min(v for k, v in lat_b.items() if k.startswith(("fx_", "pt2e_")))
-            print(  # noqa: T201
-                f"{label} {batch}: ours {lat_b['fp32'] / lat_b['ours']:.2f}x FP32, "
-                f"{stock_b / lat_b['ours']:.2f}x the fastest stock path"
-            )
-    summary = {
-        "speedup_vs_fp32": round(lat["fp32"] / lat["ours"], 3),
-        "speedup_vs_best_stock": round(lat[best_stock] / lat["ours"], 3),
-        "best_stock": best_stock,
-        "size_ratio_int8": round(size["ours_int8"] / size["fp32"], 4),
-        "size_ratio_packed4": round(size["packed4"] / size["fp32"], 4),
-        "size_ratio_packed2": round(size["packed2"] / size["fp32"], 4),
-        "size_ratio_fx_int8": round(size["fx_x86_int8"] / size["fp32"], 4),
-        "from_min_latency": {  # minimums are less sensitive to other jobs on a shared machine
-            "speedup_vs_fp32": round(fastest["fp32"] / fastest["ours"], 3),
-            "speedup_vs_best_stock": round(min(v for k, v in fastest.items() if k in stock) / fastest["ours"], 3),
-        },
-        "model": "resnet20 CIFAR 3x32x32, batch 64",
-        "threads": THREADS,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "runtime_s": round(time.perf_counter() - started, 1),
-        "results": results,
-    }
-    print(json.dumps(summary))  # noqa: T201
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

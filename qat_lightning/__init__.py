@@ -3,7 +3,15 @@
 from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
 from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks import BitWidthMetrics, QuantizationCallback, WeightHistograms, WeightNormalization
-from qat_lightning.convert import ConversionResult, convert_model, load_packed_weights, save_packed_weights
+from qat_lightning.convert import (
+    ConversionResult,
+    ExportError,
+    Fidelity,
+    convert_model,
+    integer_model,
+    load_packed_weights,
+    save_packed_weights,
+)
 from qat_lightning.data import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -46,6 +54,8 @@ __all__ = [
     "CifarResNet",
     "BitWidthMetrics",
     "ConversionResult",
+    "ExportError",
+    "Fidelity",
     "DigitsDataModule",
     "FakeQuantizedLayer",
     "FakeQuantizer",
@@ -66,6 +76,7 @@ __all__ = [
     "apply_plan",
     "calibrate",
     "convert_model",
+    "integer_model",
     "fake_quantized_layers",
     "format_sensitivity",
     "is_prepared",

@@ -275,7 +275,7 @@ def test_fidelity_counts_agreement_accuracy_and_relative_error_over_batches() ->
 
     assert (result.agreement, result.samples) == (0.75, 4)
     assert (result.reference_accuracy, result.accuracy) == (0.75, 0.5)
-    expected = float(np.linalg.norm(logits_b - logits_a) / np.linalg.norm(logits_a))
+    expected = float(np.linalg.norm((logits_b - logits_a).double()) / np.linalg.norm(logits_a.double()))
     assert result.relative_error == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="No batch"):
         measure_fidelity(lambda i: logits_a[i], {"b": lambda i: logits_b[i]}, [])

@@ -191,8 +191,8 @@ def convert_model(
 ) -> ConversionResult:
     """Convert a trained fake-quant ``model`` into deployable int8 files, each loaded back and checked.
 
-    ``model`` is only read: the conversion works on a CPU deep copy (pruning masks applied), BatchNorm folded,
-    with the trained scales. Every written file is loaded back and run on ``check_batches`` (default: the
+    ``model`` is only read: the conversion works on a CPU deep copy (pruning masks applied), with the
+    trained scales. Every written file is loaded back and run on ``check_batches`` (default: the
     example inputs) next to the fake-quant model; its ``Fidelity`` is in the result and in the JSON report.
 
     Args:
@@ -239,9 +239,9 @@ def convert_model(
                 continue
             result.paths[fmt] = path
         if packed:
-            bits = _lowest_bits(layer.bits for layer in integer.trained_layers.values())
+            bits = _lowest_bits(layer.bits for layer in integer.weight_codes.values())
             path = output_dir / f"{name}_w{bits}.packed.pt"
-            files.write(path, lambda p: write_packed_weights(reference.state_dict(), integer.trained_layers, p))
+            files.write(path, lambda p: write_packed_weights(reference.state_dict(), integer.weight_codes, p))
             result.paths["packed"] = path
         batches = check_batches if check_batches is not None else [(example_inputs, None)]
         result.fidelity = measure_fidelity(reference, runners, batches)

@@ -1,9 +1,10 @@
 """The integer read-out of a trained fake-quant model: the one place every artifact is built from.
 
 ``integer_model(model, example_inputs)`` reads each fake-quantized layer once (weight codes, per-channel scales,
-its input grid), folds BatchNorm into the layers that feed it (codes keep their magnitude, scales absorb
-``|gamma / sqrt(var + eps)|``), and returns an ``IntegerModel``: a float copy of the model whose integer layers
-compute ``codes * scale`` on inputs rounded to their trained grid, plus the records the backends write. Nothing
+its input grid) and finds the BatchNorm layers that follow them, and returns an ``IntegerModel``: a float copy of
+the model whose integer layers compute ``codes * scale`` on inputs rounded to their trained grid, plus the records
+the backends write. ``IntegerModel.folded()`` folds BatchNorm into the layers that feed it (codes keep their
+magnitude, scales absorb ``|gamma / sqrt(var + eps)|``) for the backends whose integer kernels need it. Nothing
 else in the model is quantized, exactly as in QAT (residual adds, concatenations and pooling stay float), so
 every artifact computes what the validated model computed.
 
@@ -148,49 +149,61 @@ class IntegerModel:
     """A trained fake-quant model read out in integer form.
 
     Attributes:
-        model: float copy in eval mode, BatchNorm folded; each layer of ``layers`` is a plain float layer whose
-            weight is ``codes * scale`` (its input still float: the backends put the grid in front of it); the
-            layers of ``float_layers`` keep their grid weights and a ``FrozenInputGrid`` on their input.
-        layers: the integer layers, BatchNorm folded (what the deploy graphs compute with).
-        trained_layers: the same layers before folding (the weights of the float architecture, for the packed
-            low-bit file), including layers wider than 8 bits that could still be packed.
+        model: float copy in eval mode. Each layer of ``layers`` is a plain float layer whose weight is
+            ``codes * scale`` (its input still float: the reference program puts the grid in front of it); the
+            layers of ``float_layers`` keep their grid weights and a ``FrozenInputGrid`` on their input. BatchNorm
+            is folded into the layers before it where ``batchnorm_pairs`` is empty (see ``folded``).
+        layers: the integer layers of ``model``.
         float_layers: ``{name: reason}`` of the fake-quantized layers that stay float.
+        batchnorm_pairs: ``(layer, batchnorm)`` names still to fold (found on the exported graph).
+        weight_codes: the trained weight codes of every layer that has them (integer layers and float layers on
+            a symmetric grid, before any fold): the weights of the float architecture, for the packed file.
     """
 
     model: nn.Module
     layers: dict[str, IntegerLayer]
-    trained_layers: dict[str, IntegerLayer]
     float_layers: dict[str, str]
+    batchnorm_pairs: list[tuple[str, str]]
+    weight_codes: dict[str, IntegerLayer]
+
+    def folded(self) -> IntegerModel:
+        """A copy with every BatchNorm of ``batchnorm_pairs`` folded into its layer (``IntegerLayer.folded``).
+
+        Integer kernels need it; the unfolded form computes, operation for operation, what the fake-quant model
+        computes in eval mode.
+        """
+        model = copy.deepcopy(self.model)
+        factors = fold_batchnorms(model, self.batchnorm_pairs)
+        layers = {n: layer.folded(factors[n]) if n in factors else layer for n, layer in self.layers.items()}
+        for name, layer in layers.items():
+            model.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
+        return dataclasses.replace(self, model=model, layers=layers, batchnorm_pairs=[])
 
 
 @torch.no_grad()
 def integer_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> IntegerModel:
-    """Read a trained fake-quant ``model`` (left untouched) out as an ``IntegerModel``.
+    """Read a trained fake-quant ``model`` (left untouched) out as an ``IntegerModel`` (BatchNorm not folded yet).
 
     Args:
         model: a model whose layers were fake-quantized (``QuantizationCallback``, ``apply_plan``), on the CPU.
         example_inputs: one batch of ``model``'s positional inputs (BatchNorm pairs are found on its graph).
     """
     copy_ = copy.deepcopy(model).eval()
-    layers, trained, float_layers = {}, {}, {}
+    layers, codes, float_layers = {}, {}, {}
     for name, layer in list(fake_quantized_layers(copy_)):
         reason = integer_unsupported_reason(layer)
         if reason is None:
-            layers[name] = trained[name] = read_layer(name, layer)
+            layers[name] = codes[name] = read_layer(name, layer)
             restore_float_layer(layer)
+            layer.weight = nn.Parameter(layers[name].weight(), requires_grad=False)
             continue
         float_layers[name] = reason
         if layer.weight_quantizer.calibrated and layer.weight_quantizer.config.symmetric:
-            trained[name] = read_layer(name, layer)
+            codes[name] = read_layer(name, layer)
         layer.weight = nn.Parameter(layer.quantized_weight().detach(), requires_grad=False)
         layer.weight_quantizer = nn.Identity()
         iq = layer.input_quantizer
         if isinstance(iq, FakeQuantizer):
             layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if iq.calibrated else nn.Identity()
     pairs = find_batchnorm_pairs(export_program(copy_, example_inputs).graph)
-    for name, factor in fold_batchnorms(copy_, pairs).items():
-        if name in layers:
-            layers[name] = layers[name].folded(factor)
-    for name, layer in layers.items():
-        copy_.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
-    return IntegerModel(copy_, layers, trained, float_layers)
+    return IntegerModel(copy_, layers, float_layers, pairs, codes)

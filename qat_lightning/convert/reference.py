@@ -139,16 +139,25 @@ def plain_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedPr
 class ReferenceSource:
     """What every backend builds from: the integer read-out, example inputs, and its reference programs.
 
-    ``program(dtype)`` exports the reference program with ``dtype`` activation codes once and caches it, so the
+    ``program(dtype, fold_batchnorm)`` exports each flavour of the reference program once and caches it, so the
     backends that share a flavour share one program.
     """
 
     def __init__(self, integer: IntegerModel, example_inputs: tuple[torch.Tensor, ...]) -> None:
         self.integer = integer
         self.example_inputs = tuple(example_inputs)
-        self._programs: dict[torch.dtype, torch.export.ExportedProgram] = {}
+        self._programs: dict[tuple[torch.dtype, bool], torch.export.ExportedProgram] = {}
 
-    def program(self, activation_dtype: torch.dtype = torch.uint8) -> torch.export.ExportedProgram:
-        if activation_dtype not in self._programs:
-            self._programs[activation_dtype] = reference_program(self.integer, self.example_inputs, activation_dtype)
-        return self._programs[activation_dtype]
+    def program(
+        self, activation_dtype: torch.dtype = torch.uint8, fold_batchnorm: bool = False
+    ) -> torch.export.ExportedProgram:
+        """The reference program with ``activation_dtype`` codes; BatchNorm folded into the integer layers or not.
+
+        Unfolded, it computes operation for operation what the fake-quant model computes (the ``.pt2`` and ONNX
+        files, whose runtimes fold it themselves); folded, integer kernels can run each layer with its BatchNorm.
+        """
+        key = (activation_dtype, fold_batchnorm)
+        if key not in self._programs:
+            integer = self.integer.folded() if fold_batchnorm else self.integer
+            self._programs[key] = reference_program(integer, self.example_inputs, activation_dtype)
+        return self._programs[key]

@@ -48,7 +48,7 @@ def requirement() -> str | None:
 def write(source: ReferenceSource, path: Path) -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 - registers the int8 fusions
 
-    program = source.program(torch.uint8)
+    program = source.program(torch.uint8, fold_batchnorm=True)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
         expected = program.module()(*source.example_inputs)
