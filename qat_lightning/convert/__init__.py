@@ -13,7 +13,6 @@ from qat_lightning.convert.bn_folding import batchnorm_factor, find_batchnorm_pa
 from qat_lightning.convert.export import ExportError
 from qat_lightning.convert.fidelity import Fidelity, FidelityMeter
 from qat_lightning.convert.from_trainer import convert_from_trainer
-from qat_lightning.convert.integer_model import InputGrid, IntegerLayer, IntegerModel, integer_model
 from qat_lightning.convert.packing import (
     load_packed_weights,
     pack_codes,
@@ -21,6 +20,7 @@ from qat_lightning.convert.packing import (
     unpack_codes,
     write_packed_weights,
 )
+from qat_lightning.convert.readout import InputGrid, IntegerLayer, IntegerModel, integer_model
 from qat_lightning.convert.reference import reference_program
 
 __all__ = [

@@ -36,8 +36,8 @@ from torch.nn.utils import prune
 from qat_lightning.convert.backends import DEFAULT_FORMATS, backend, check_formats
 from qat_lightning.convert.export import ExportError
 from qat_lightning.convert.fidelity import Fidelity, FidelityMeter, as_logits
-from qat_lightning.convert.integer_model import integer_model
 from qat_lightning.convert.packing import write_packed_weights
+from qat_lightning.convert.readout import integer_model
 from qat_lightning.convert.reference import ReferenceSource
 from qat_lightning.nn import is_prepared, quantizers
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat_lightning.convert.integer_model import IntegerLayer, read_layer
+from qat_lightning.convert.readout import IntegerLayer, read_layer
 from qat_lightning.nn import fake_quantized_layers
 from qat_lightning.quant import quant_range
 

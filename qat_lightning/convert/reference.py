@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.convert.export import export_program
-from qat_lightning.convert.integer_model import InputGrid, IntegerModel
+from qat_lightning.convert.readout import InputGrid, IntegerModel
 
 _CONTAINER_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 

@@ -15,6 +15,7 @@ BACKENDS: dict[str, str] = {
     "pt2": "qat_lightning.convert.backends.pt2",
     "onnx": "qat_lightning.convert.backends.onnx",
     "x86": "qat_lightning.convert.backends.x86",
+    "executorch": "qat_lightning.convert.backends.executorch",
 }
 DEFAULT_FORMATS: tuple[str, ...] = ("pt2", "onnx")
 
