@@ -34,8 +34,7 @@ from qat_lightning.nn.prepare import (
     quantizers,
     restore_float,
 )
-from qat_lightning.quant import FakeQuantizer, check_bits, choose_qparams, quant_range
-from qat_lightning.quant.primitives import EPS
+from qat_lightning.quant import FakeQuantizer, check_bits
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -49,26 +48,6 @@ def float_snapshot(model: nn.Module) -> nn.Module:
     snapshot = copy.deepcopy(model).eval()
     restore_float(snapshot)
     return snapshot
-
-
-@torch.no_grad()
-def _regrid(quantizer: FakeQuantizer, bits: int) -> None:
-    """Move ``quantizer`` to a ``bits``-bit grid over the clipping range it uses now (in place)."""
-    old = quantizer.config
-    if bits == old.bits:
-        return
-    qmin, qmax = quant_range(old.bits, old.symmetric)
-    scale = quantizer.scale.detach().clamp(min=EPS)
-    if old.symmetric:  # the range is +-max|x| = scale * (qmax - qmin) / 2
-        high = scale * (qmax - qmin) / 2
-        low = -high
-    else:
-        low, high = (qmin - quantizer.zero_point) * scale, (qmax - quantizer.zero_point) * scale
-    quantizer.config = quantizer.observer.config = dataclasses.replace(old, bits=bits)
-    if quantizer.calibrated:
-        new_scale, new_zero_point = choose_qparams(low, high, bits, old.symmetric)
-        quantizer.scale.copy_(new_scale)
-        quantizer.zero_point.copy_(new_zero_point)
 
 
 def _ptq_plan(plan: list[LayerPlan], per_channel: bool) -> list[LayerPlan]:
@@ -130,7 +109,7 @@ def quantized_snapshot(
     snapshot = copy.deepcopy(model).eval()
     if is_prepared(snapshot):
         for quantizer in quantizers(snapshot):
-            _regrid(quantizer, bits)
+            quantizer.set_bits(bits)
         return snapshot
     calibration_inputs = list(calibration_inputs)
     if quantize_activations and not calibration_inputs:

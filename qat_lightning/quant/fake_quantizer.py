@@ -11,7 +11,7 @@ from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
 from qat_lightning.quant.observers import build_observer
-from qat_lightning.quant.primitives import EPS, broadcast_along, quant_range, quantize
+from qat_lightning.quant.primitives import EPS, broadcast_along, choose_qparams, quant_range, quantize
 from qat_lightning.quant.straight_through import fake_quantize_lsq, fake_quantize_ste
 
 
@@ -77,6 +77,31 @@ class FakeQuantizer(nn.Module):
         scale = broadcast_along(self.scale.clamp(min=EPS), x, self.axis)
         grad_factor = 1.0 / math.sqrt(x.numel() // self.scale.numel() * qmax)
         return fake_quantize_lsq(x, scale, zero_point, qmin, qmax, grad_factor)
+
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """Move to a ``bits``-bit grid over the clipping range used now, in place (everything derived follows).
+
+        The config (and the observer's), the integer range and, once calibrated, the scale and zero point are
+        updated together: the range ``[(qmin - zp) * s, (qmax - zp) * s]`` (``+-s * (qmax - qmin) / 2`` when
+        symmetric) is kept and divided into ``2**bits`` levels.
+        """
+        old = self.config
+        if bits == old.bits:
+            return
+        qmin, qmax = self._quant_range
+        scale = self.scale.detach().clamp(min=EPS)
+        if old.symmetric:
+            high = scale * (qmax - qmin) / 2
+            low = -high
+        else:
+            low, high = (qmin - self.zero_point) * scale, (qmax - self.zero_point) * scale
+        self.config = self.observer.config = dataclasses.replace(old, bits=bits)
+        self._quant_range = quant_range(bits, old.symmetric)
+        if self._calibrated:
+            new_scale, new_zero_point = choose_qparams(low, high, bits, old.symmetric)
+            self.scale.copy_(new_scale)
+            self.zero_point.copy_(new_zero_point)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (int32, shape of ``x``) with the current scale and zero point."""
