@@ -98,3 +98,68 @@ def test_x86_package_that_computes_something_else_is_refused_and_the_other_files
         result = convert_model(model, (torch.randn(8, 1, 16, 16),), tmp_path, formats=("pt2", "x86"), packed=False)
     assert "single input channel" in result.failed["x86"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conversion_report.json", "model_int8.pt2"]
+
+
+executorch_available = pytest.mark.skipif(
+    backend("executorch").requirement() is not None, reason="executorch is not installed"
+)
+
+
+def _executorch_file_follows_the_model(model: nn.Module, shape: tuple[int, ...], tmp_path) -> dict[str, object]:
+    # A random network has near-tied logits on some inputs, where float rounding alone can swap the top two (ONNX
+    # Runtime's too): agreement is checked on the inputs it separates most clearly of 64, the error on all of them.
+    x = torch.randn(64, *shape)
+    with torch.no_grad():
+        top = model(x).topk(2, dim=1).values
+    clear = x[(top[:, 0] - top[:, 1]).argsort(descending=True)[:24]]
+    batches = [((part,), None) for part in clear.split(8)]
+    result = convert_model(model, batches[0][0], tmp_path, formats=("executorch",), packed=False, check_batches=batches)
+
+    assert result.failed == {} and result.paths["executorch"].name == "model_int8.pte"
+    fidelity = result.fidelity["executorch"]
+    assert fidelity.agreement == 1.0 and fidelity.relative_error < 0.01, fidelity
+    run = backend("executorch").load(result.paths["executorch"])
+    with torch.no_grad():
+        expected = model(x)
+    assert float((run(x) - expected).norm() / expected.norm()) < 0.01  # the full 64, past the example batch of 8
+    for batch in (1, 8):
+        with torch.no_grad():
+            expected = model(x[:batch])
+        assert float((run(x[:batch]) - expected).norm() / expected.norm()) < 0.01, batch
+    return {"bytes": result.sizes[result.paths["executorch"]]}
+
+
+@executorch_available
+def test_executorch_file_of_resnet20_follows_the_model_at_any_batch(tmp_path, caplog) -> None:
+    from qat_lightning.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    apply_plan(model, plan_quantization(model, 8, first_last_bits=8))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    with caplog.at_level("INFO", logger="qat_lightning.convert.backends.executorch"):
+        _executorch_file_follows_the_model(model, (3, 32, 32), tmp_path)
+    # XNNPACK rounds an int8 layer's bias to input scale * weight scale: on this chaotic random network that alone
+    # moves the logits by about 1 %, so the backend falls back to float kernels on the trained grids.
+    assert "XNNPACK int8 layers [], the others float" in caplog.text
+
+
+@executorch_available
+def test_executorch_file_of_a_4_bit_cnn_runs_its_convolutions_on_int8(tmp_path, caplog) -> None:
+    from qat_lightning import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(channels=(8, 16))
+    apply_plan(model, plan_quantization(model, 4, first_last_bits=8))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 8, 8))
+    model.eval()
+    with caplog.at_level("INFO", logger="qat_lightning.convert.backends.executorch"):
+        _executorch_file_follows_the_model(model, (1, 8, 8), tmp_path)
+    assert "XNNPACK int8 layers ['features.0', 'features.4'], the others float" in caplog.text
