@@ -3,11 +3,21 @@
 Models nobody here wrote: random init, small inputs, a few QAT steps (observers and LSQ scales move, BatchNorm
 statistics update), then ``convert_model`` with the default formats. Each file is checked by ``convert_model``
 itself on held-out batches; the test asserts the figures and reads the report back from disk.
+
+The ``.pt2`` program must be exact. A runtime with its own float kernels (ONNX Runtime) rounds a few values near
+a grid boundary the other way, and in a deep random-init network such flips cascade: the fake-quant model itself
+moves its logits by up to 6% when its input is perturbed by one part in a million (EfficientNet-B0 at 8 bits).
+The ONNX file is held to 2% or to 3x that self-sensitivity, measured on the same batches, whichever is larger,
+and to the same predictions except where the model's self-sensitivity exceeds 1%.
+
+The default suite runs each family at one width, alternating 8 and 4 bits down the sorted list (the suite must
+stay well under 15 minutes on 2 cores); ``QAT_LIGHTNING_ZOO=full`` runs every family at both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,9 +95,29 @@ def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
     return model.eval(), side
 
 
+def _cases() -> list[tuple[str, int]]:
+    if os.environ.get("QAT_LIGHTNING_ZOO") == "full":
+        return [(family, bits) for family in sorted(ZOO) for bits in (8, 4)]
+    return [(family, (8, 4)[i % 2]) for i, family in enumerate(sorted(ZOO))]
+
+
+@torch.no_grad()
+def _self_sensitivity(model: nn.Module, batches: list) -> tuple[float, float]:
+    """Relative logit change and arg-max agreement of ``model`` itself under 1e-6 relative input noise."""
+    generator = torch.Generator().manual_seed(1)
+    change = norm = same = total = 0.0
+    for (x,), _ in batches:
+        clean = model(x)
+        noisy = model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator)))
+        change += float((noisy - clean).pow(2).sum())
+        norm += float(clean.pow(2).sum())
+        same += float((noisy.argmax(1) == clean.argmax(1)).sum())
+        total += len(x)
+    return (change / norm) ** 0.5, same / total
+
+
 @pytest.mark.zoo
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("family", sorted(ZOO))
+@pytest.mark.parametrize(("family", "bits"), _cases())
 def test_torchvision_family_converts_and_files_follow_the_model(family: str, bits: int, tmp_path) -> None:
     model, side = _qat_model(family, bits)
     batches = [((torch.randn(8, 3, side, side),), None) for _ in range(3)]
@@ -95,10 +125,13 @@ def test_torchvision_family_converts_and_files_follow_the_model(family: str, bit
 
     assert result.failed == {}
     assert set(result.fidelity) == {"pt2", "onnx"}
-    for fmt, fidelity in result.fidelity.items():
-        assert fidelity.samples == 24
-        assert fidelity.agreement >= 0.99, (fmt, fidelity)
-        assert fidelity.relative_error <= 0.02, (fmt, fidelity)
+    pt2, onnx = result.fidelity["pt2"], result.fidelity["onnx"]
+    assert pt2.samples == onnx.samples == 24
+    assert pt2.agreement == 1.0 and pt2.relative_error < 1e-5, pt2
+    sensitivity, self_agreement = _self_sensitivity(model, batches)
+    assert onnx.relative_error <= max(0.02, 3 * sensitivity), (onnx, sensitivity)
+    # one sample in 24 may swap its top class where the model itself is that sensitive (its top-2 margins are tiny)
+    assert onnx.agreement >= (0.99 if sensitivity <= 0.01 else self_agreement - 1 / 24), (onnx, sensitivity)
     report = json.loads((tmp_path / "conversion_report.json").read_text())
     assert report["float_layers"] == result.float_layers
     assert sorted(report["int8_layers"]) == result.int8_layers and result.int8_layers

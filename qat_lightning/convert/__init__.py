@@ -1,6 +1,6 @@
 """From a trained fake-quant model to deployable files: ``torch.export`` program, ONNX QDQ, packed low-bit weights.
 
-- ``integer_model(model, example_inputs)``: the one integer read-out (codes, scales, input grids, BatchNorm pairs).
+- ``integer_model(model)``: the one integer read-out (codes, scales, input grids; ``folded(...)`` folds BatchNorm).
 - ``convert_model(model, example_inputs, output_dir)``: every requested file from it, each checked against the model.
 - ``QuantizationCallback(convert_on_fit_end=True)`` calls it at fit end; ``python -m qat_lightning.convert``
   (or ``qat-lightning-convert``) does it for a saved QAT checkpoint.

@@ -213,7 +213,7 @@ def convert_model(
     formats = check_formats(tuple(formats))
     example_inputs = tuple(x.detach().cpu() for x in example_inputs)
     reference = inference_copy(model)
-    integer = integer_model(reference, example_inputs)
+    integer = integer_model(reference)
     source = ReferenceSource(integer, example_inputs)
     source.program(torch.uint8)  # an unexportable model fails here, before any file is written
     for layer, reason in integer.float_layers.items():

@@ -1,12 +1,12 @@
 """The integer read-out of a trained fake-quant model: the one place every artifact is built from.
 
-``integer_model(model, example_inputs)`` reads each fake-quantized layer once (weight codes, per-channel scales,
-its input grid) and finds the BatchNorm layers that follow them, and returns an ``IntegerModel``: a float copy of
-the model whose integer layers compute ``codes * scale`` on inputs rounded to their trained grid, plus the records
-the backends write. ``IntegerModel.folded()`` folds BatchNorm into the layers that feed it (codes keep their
-magnitude, scales absorb ``|gamma / sqrt(var + eps)|``) for the backends whose integer kernels need it. Nothing
-else in the model is quantized, exactly as in QAT (residual adds, concatenations and pooling stay float), so
-every artifact computes what the validated model computed.
+``integer_model(model)`` reads each fake-quantized layer once (weight codes, per-channel scales, its input grid)
+and returns an ``IntegerModel``: a float copy of the model whose integer layers compute ``codes * scale`` on
+inputs rounded to their trained grid, plus the records the backends write. ``IntegerModel.folded(example_inputs)``
+folds BatchNorm into the layers that feed it (codes keep their magnitude, scales absorb
+``|gamma / sqrt(var + eps)|``) for the backends whose integer kernels need it. Nothing else in the model is
+quantized, exactly as in QAT (residual adds, concatenations and pooling stay float), so every artifact computes
+what the validated model computed.
 
 Layers that no integer kernel can run (weights or inputs wider than 8 bits, float inputs, a scheme other than
 symmetric weights and per-tensor inputs) stay float in the artifacts: their weights keep their grid values and
@@ -155,7 +155,6 @@ class IntegerModel:
             is folded into the layers before it where ``batchnorm_pairs`` is empty (see ``folded``).
         layers: the integer layers of ``model``.
         float_layers: ``{name: reason}`` of the fake-quantized layers that stay float.
-        batchnorm_pairs: ``(layer, batchnorm)`` names still to fold (found on the exported graph).
         weight_codes: the trained weight codes of every layer that has them (integer layers and float layers on
             a symmetric grid, before any fold): the weights of the float architecture, for the packed file.
     """
@@ -163,30 +162,29 @@ class IntegerModel:
     model: nn.Module
     layers: dict[str, IntegerLayer]
     float_layers: dict[str, str]
-    batchnorm_pairs: list[tuple[str, str]]
     weight_codes: dict[str, IntegerLayer]
 
-    def folded(self) -> IntegerModel:
-        """A copy with every BatchNorm of ``batchnorm_pairs`` folded into its layer (``IntegerLayer.folded``).
+    def folded(self, example_inputs: tuple[torch.Tensor, ...]) -> IntegerModel:
+        """A copy with BatchNorm folded into the Conv/Linear layers that feed it (``IntegerLayer.folded``).
 
-        Integer kernels need it; the unfolded form computes, operation for operation, what the fake-quant model
-        computes in eval mode.
+        The pairs are read off the exported graph of ``model`` run on ``example_inputs`` (the real data flow, not
+        the module order). Integer kernels need the fold; the unfolded form computes, operation for operation,
+        what the fake-quant model computes in eval mode.
         """
         model = copy.deepcopy(self.model)
-        factors = fold_batchnorms(model, self.batchnorm_pairs)
+        factors = fold_batchnorms(model, find_batchnorm_pairs(export_program(model, example_inputs).graph))
         layers = {n: layer.folded(factors[n]) if n in factors else layer for n, layer in self.layers.items()}
         for name, layer in layers.items():
             model.get_submodule(name).weight = nn.Parameter(layer.weight(), requires_grad=False)
-        return dataclasses.replace(self, model=model, layers=layers, batchnorm_pairs=[])
+        return dataclasses.replace(self, model=model, layers=layers)
 
 
 @torch.no_grad()
-def integer_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> IntegerModel:
+def integer_model(model: nn.Module) -> IntegerModel:
     """Read a trained fake-quant ``model`` (left untouched) out as an ``IntegerModel`` (BatchNorm not folded yet).
 
     Args:
         model: a model whose layers were fake-quantized (``QuantizationCallback``, ``apply_plan``), on the CPU.
-        example_inputs: one batch of ``model``'s positional inputs (BatchNorm pairs are found on its graph).
     """
     copy_ = copy.deepcopy(model).eval()
     layers, codes, float_layers = {}, {}, {}
@@ -205,5 +203,4 @@ def integer_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
         iq = layer.input_quantizer
         if isinstance(iq, FakeQuantizer):
             layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if iq.calibrated else nn.Identity()
-    pairs = find_batchnorm_pairs(export_program(copy_, example_inputs).graph)
-    return IntegerModel(copy_, layers, float_layers, pairs, codes)
+    return IntegerModel(copy_, layers, float_layers, codes)

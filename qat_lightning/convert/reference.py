@@ -7,8 +7,8 @@ per-channel scales. A ``b < 8``-bit input grid is an 8-bit quantize after a floa
 (quantizing is monotone, so this is exactly the ``b``-bit rounding), which every runtime understands. Everything
 else stays float, as in QAT.
 
-``plain_aten(program)`` rewrites the quantize/dequantize ops as ordinary ATen arithmetic, so that the saved
-``.pt2`` file loads with ``torch.export.load`` in a process that has torch alone.
+The ``plain_aten`` flavour writes the quantize/dequantize steps as ordinary ATen arithmetic (same numbers), so
+that the saved ``.pt2`` file loads with ``torch.export.load`` in a process that has torch alone.
 """
 
 from __future__ import annotations
@@ -32,6 +32,29 @@ def _qdq_ops():  # type: ignore[no-untyped-def]
     return torch.ops.quantized_decomposed
 
 
+def _quantize_aten(
+    x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``quantized_decomposed.quantize_per_tensor`` in ATen: ``clamp(round(x * (1 / scale)) + zp, qmin, qmax)``."""
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max).to(dtype)
+
+
+def _dequantize_aten(
+    q: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``quantized_decomposed.dequantize_per_tensor`` in ATen: ``(q - zero_point) * scale`` in float32."""
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def _dequantize_per_channel_aten(
+    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, axis: int, *_: object
+) -> torch.Tensor:
+    """``quantized_decomposed.dequantize_per_channel`` in ATen, channels along ``axis``."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q.to(torch.float32) - zero_points.reshape(shape)) * scales.reshape(shape)
+
+
 class QuantizeDequantize(nn.Module):
     """``x`` rounded to a trained per-tensor grid, written as the PT2E ``quantize -> dequantize`` pair.
 
@@ -40,8 +63,9 @@ class QuantizeDequantize(nn.Module):
     ``clamp`` to ``[(qmin - zp) * s, (qmax - zp) * s]`` first.
     """
 
-    def __init__(self, grid: InputGrid, dtype: torch.dtype = torch.uint8) -> None:
+    def __init__(self, grid: InputGrid, dtype: torch.dtype = torch.uint8, plain_aten: bool = False) -> None:
         super().__init__()
+        self.plain_aten = plain_aten
         cmin, cmax = _CONTAINER_RANGE[dtype]
         shift = cmin - grid.quant_min if grid.quant_min < cmin or grid.quant_max > cmax else 0
         self.scale, self.zero_point, self.dtype = grid.scale, grid.zero_point + shift, dtype
@@ -54,10 +78,12 @@ class QuantizeDequantize(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _qdq_ops()
         if self.clip is not None:
             x = torch.clamp(x, *self.clip)
         args = (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
+        if self.plain_aten:
+            return _dequantize_aten(_quantize_aten(x, *args), *args)
+        ops = _qdq_ops()
         return ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
 
 
@@ -70,9 +96,10 @@ class _IntegerWeightLayer(nn.Module):
     input_grid: QuantizeDequantize
 
     def dequantized_weight(self) -> torch.Tensor:
-        return _qdq_ops().dequantize_per_channel.default(
-            self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
-        )
+        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
+        if self.input_grid.plain_aten:
+            return _dequantize_per_channel_aten(*args)
+        return _qdq_ops().dequantize_per_channel.default(*args)
 
 
 class _IntegerConv(_IntegerWeightLayer):
@@ -90,8 +117,14 @@ def _integer_class(float_class: type[nn.Module]) -> type[nn.Module]:
     return type(f"Integer{float_class.__name__}", (mixin, float_class), {"__module__": __name__})
 
 
-def reference_module(integer: IntegerModel, activation_dtype: torch.dtype = torch.uint8) -> nn.Module:
-    """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager)."""
+def reference_module(
+    integer: IntegerModel, activation_dtype: torch.dtype = torch.uint8, plain_aten: bool = False
+) -> nn.Module:
+    """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager).
+
+    With ``plain_aten`` the quantize/dequantize steps are ordinary ATen arithmetic with the same numbers instead of
+    the PT2E ops: a program of it loads with ``torch.export.load`` in a process that has torch alone.
+    """
     module = copy.deepcopy(integer.model)
     for name, layer in integer.layers.items():
         target = module.get_submodule(name)
@@ -99,41 +132,19 @@ def reference_module(integer: IntegerModel, activation_dtype: torch.dtype = torc
         target.register_buffer("weight_codes", layer.codes.to(torch.int8).clone())
         target.register_buffer("weight_scale", layer.scale.clone())
         target.register_buffer("weight_zero_point", torch.zeros(layer.scale.shape, dtype=torch.int64))
-        target.input_grid = QuantizeDequantize(layer.input, activation_dtype)
+        target.input_grid = QuantizeDequantize(layer.input, activation_dtype, plain_aten)
         target.__class__ = _integer_class(type(target))
     return module.eval()
 
 
 def reference_program(
-    integer: IntegerModel, example_inputs: tuple[torch.Tensor, ...], activation_dtype: torch.dtype = torch.uint8
+    integer: IntegerModel,
+    example_inputs: tuple[torch.Tensor, ...],
+    activation_dtype: torch.dtype = torch.uint8,
+    plain_aten: bool = False,
 ) -> torch.export.ExportedProgram:
     """The reference int8 program of ``integer`` (dynamic batch dimension where the model allows it)."""
-    return export_program(reference_module(integer, activation_dtype), example_inputs)
-
-
-def _quantize_aten(x, scale, zero_point, quant_min, quant_max, dtype):  # type: ignore[no-untyped-def]
-    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max).to(dtype)
-
-
-def _dequantize_aten(q, scale, zero_point, quant_min, quant_max, dtype, *, out_dtype=None):  # type: ignore[no-untyped-def]
-    return (q.to(torch.float32) - zero_point) * scale
-
-
-def _dequantize_per_channel_aten(q, scales, zero_points, axis, quant_min, quant_max, dtype, *, out_dtype=None):  # type: ignore[no-untyped-def]
-    shape = [1] * q.dim()
-    shape[axis] = -1
-    return (q.to(torch.float32) - zero_points.reshape(shape)) * scales.reshape(shape)
-
-
-def plain_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with its quantize/dequantize ops as ATen arithmetic (same numbers; loads with torch alone)."""
-    ops = _qdq_ops()
-    table = {
-        ops.quantize_per_tensor.default: _quantize_aten,
-        ops.dequantize_per_tensor.default: _dequantize_aten,
-        ops.dequantize_per_channel.default: _dequantize_per_channel_aten,
-    }
-    return program.run_decompositions(table)
+    return export_program(reference_module(integer, activation_dtype, plain_aten), example_inputs)
 
 
 class ReferenceSource:
@@ -146,18 +157,19 @@ class ReferenceSource:
     def __init__(self, integer: IntegerModel, example_inputs: tuple[torch.Tensor, ...]) -> None:
         self.integer = integer
         self.example_inputs = tuple(example_inputs)
-        self._programs: dict[tuple[torch.dtype, bool], torch.export.ExportedProgram] = {}
+        self._programs: dict[tuple[torch.dtype, bool, bool], torch.export.ExportedProgram] = {}
 
     def program(
-        self, activation_dtype: torch.dtype = torch.uint8, fold_batchnorm: bool = False
+        self, activation_dtype: torch.dtype = torch.uint8, fold_batchnorm: bool = False, plain_aten: bool = False
     ) -> torch.export.ExportedProgram:
         """The reference program with ``activation_dtype`` codes; BatchNorm folded into the integer layers or not.
 
         Unfolded, it computes operation for operation what the fake-quant model computes (the ``.pt2`` and ONNX
         files, whose runtimes fold it themselves); folded, integer kernels can run each layer with its BatchNorm.
+        ``plain_aten``: see ``reference_module``.
         """
-        key = (activation_dtype, fold_batchnorm)
+        key = (activation_dtype, fold_batchnorm, plain_aten)
         if key not in self._programs:
-            integer = self.integer.folded() if fold_batchnorm else self.integer
-            self._programs[key] = reference_program(integer, self.example_inputs, activation_dtype)
+            integer = self.integer.folded(self.example_inputs) if fold_batchnorm else self.integer
+            self._programs[key] = reference_program(integer, self.example_inputs, activation_dtype, plain_aten)
         return self._programs[key]

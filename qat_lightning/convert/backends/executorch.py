@@ -186,7 +186,7 @@ def _lower(source: ReferenceSource, int8: list[str]) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    integer = source.integer.folded()
+    integer = source.integer.folded(source.example_inputs)
     module = reference_module(integer, torch.int8)
     _with_float_weights(module, [n for n in integer.layers if n not in int8])
     _finest_codes(module, int8)
@@ -205,7 +205,9 @@ def lowered_program(source: ReferenceSource) -> tuple[bytes, list[str], float]:
     The int8 candidates are tried first and kept if they stay within ``INT8_RELATIVE_ERROR`` of the reference;
     otherwise every layer runs as a float kernel.
     """
-    reference = _export(reference_module(source.integer.folded(), torch.int8), source.example_inputs)
+    reference = _export(
+        reference_module(source.integer.folded(source.example_inputs), torch.int8), source.example_inputs
+    )
     with torch.no_grad():
         expected = reference.module()(*source.example_inputs)
     candidates = _int8_outputs(reference)

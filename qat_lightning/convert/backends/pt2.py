@@ -1,8 +1,8 @@
 """``<name>_int8.pt2``: the reference int8 program, saved with ``torch.export.save``.
 
-Its quantize/dequantize steps are plain ATen arithmetic (``reference.plain_aten``) and its weights int8 codes with
-per-channel scales, so ``torch.export.load(path).module()`` runs it in a process that has torch alone, on any
-device torch supports, with the numbers of the validated fake-quant model.
+Its quantize/dequantize steps are plain ATen arithmetic (the ``plain_aten`` flavour of the reference program)
+and its weights int8 codes with per-channel scales, so ``torch.export.load(path).module()`` runs it in a process
+that has torch alone, on any device torch supports, with the numbers of the validated fake-quant model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qat_lightning.convert.reference import ReferenceSource, plain_aten
+from qat_lightning.convert.reference import ReferenceSource
 
 NAME = "pt2"
 FILE_NAME = "{name}_int8.pt2"
@@ -25,7 +25,7 @@ def requirement() -> str | None:
 
 
 def write(source: ReferenceSource, path: Path) -> None:
-    program = plain_aten(source.program(torch.uint8))
+    program = source.program(torch.uint8, plain_aten=True)
     for node in program.graph.nodes:
         for key in _DEBUG_META:
             node.meta.pop(key, None)
