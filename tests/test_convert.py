@@ -20,6 +20,7 @@ from torch import nn
 
 from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, convert_model
 from qat_lightning.convert import load_packed_weights, measure_fidelity
+from qat_lightning.convert.backends import backend
 from qat_lightning.convert.cli import default_output_dir
 from qat_lightning.convert.cli import main as cli_main
 from qat_lightning.nn import apply_plan, fake_quantized_layers, plan_quantization
@@ -320,3 +321,36 @@ def test_residual_network_files_follow_the_fake_quant_model(tmp_path) -> None:
         converted_pred, _ = _val_predictions(run(tmp_path / "out" / name), datamodule)
         assert (converted_pred == fake_quant_pred).mean() >= 0.99, fmt
         assert result.fidelity[fmt].agreement >= 0.99 and result.fidelity[fmt].relative_error <= 0.02, fmt
+
+
+def test_conv1d_layers_convert_on_integer_weights_and_follow_the_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 16, 5, padding=2, bias=False),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Conv1d(16, 16, 3, padding=1, groups=16),  # depthwise
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    apply_plan(model, plan_quantization(model, 8, first_last_bits=8))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 2, 64))
+    model.eval()
+    batches = [((torch.randn(8, 2, 64),), None) for _ in range(3)]
+    formats = ("pt2", "onnx", "x86") if backend("x86").requirement() is None else ("pt2", "onnx")
+    result = convert_model(model, batches[0][0], tmp_path, formats=formats, check_batches=batches, packed=False)
+
+    assert result.failed == {} and result.float_layers == {}
+    assert result.int8_layers == ["0", "3", "7"]
+    for fmt, fidelity in result.fidelity.items():
+        assert fidelity.agreement == 1.0 and fidelity.relative_error < 1e-3, (fmt, fidelity)
+    import onnx
+
+    proto = onnx.load(str(result.paths["onnx"]))
+    int8_weights = [i.dims for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    assert sorted(map(list, int8_weights)) == [[4, 16], [16, 1, 3], [16, 2, 5]]
