@@ -4,9 +4,10 @@ Models: ResNet-20 (CIFAR-shaped, 3x32x32) and torchvision's ResNet-18 (3x64x64 b
 Paths, all on CPU with 2 threads, timed in the same process with interleaved rounds (medians):
 
 - ``fp32``: the float model in eager mode.
-- ours, from one ``qat_lightning.convert_model`` of the 8-bit fake-quant model (formats pt2, onnx, x86):
+- ours, from one ``qat_lightning.convert_model`` of the 8-bit fake-quant model (pt2, onnx, x86, executorch):
   ``ours_ort`` / ``ours_openvino``: the ONNX QDQ file in ONNX Runtime / OpenVINO; ``ours_x86``: the AOTInductor
-  package (oneDNN int8 kernels); ``ours_pt2``: the ``.pt2`` reference program (portable, not fast).
+  package (oneDNN int8 kernels); ``ours_executorch``: the XNNPACK ``.pte`` (int8 kernels only where exact);
+  ``ours_pt2``: the ``.pt2`` reference program (portable, not fast).
 - stock: ``fx_x86``: torch.ao FX ``prepare_fx`` -> calibrate -> ``convert_fx`` (deprecated); ``pt2e_compile``: torchao
   ``prepare_pt2e`` (X86InductorQuantizer) -> calibrate -> ``convert_pt2e`` -> ``torch.compile`` with freezing;
   ``openvino_nncf``: OpenVINO's own int8, ``nncf.quantize`` of the ``openvino.convert_model`` float model.
@@ -43,7 +44,7 @@ from qat_lightning.nn import apply_plan, plan_quantization
 warnings.filterwarnings("ignore")
 THREADS = 2
 STOCK = ("fx_x86", "pt2e_compile", "openvino_nncf")
-OURS = ("ours_ort", "ours_openvino", "ours_x86", "ours_pt2")
+OURS = ("ours_ort", "ours_openvino", "ours_x86", "ours_executorch", "ours_pt2")
 
 
 def float_model(build: Callable[[], nn.Module]) -> nn.Module:
@@ -182,15 +183,17 @@ def bench_model(
     calib = [torch.randn(64, *shape) for _ in range(4)]
     result: dict = {"latency_ms": {}, "min_latency_ms": {}, "size_bytes": {}, "fidelity": {}}
     qat8 = fake_quant_model(model, 8, calib)
-    formats = ("pt2", "onnx") + (("x86",) if backend("x86").requirement() is None else ())
+    optional = ("x86", "executorch")
+    formats = ("pt2", "onnx") + tuple(fmt for fmt in optional if backend(fmt).requirement() is None)
     checks = [((torch.randn(64, *shape),), None) for _ in range(2)]
     started = time.perf_counter()
     conversion = convert_model(qat8, (calib[0],), out / label, formats=formats, check_batches=checks)
     result["convert_s"] = round(time.perf_counter() - started, 1)
     result["fidelity"] = {fmt: f.as_dict() for fmt, f in conversion.fidelity.items()}
     ours = {"ours_ort": ort_runner(conversion.paths["onnx"]), "ours_pt2": backend("pt2").load(conversion.paths["pt2"])}
-    if "x86" in conversion.paths:
-        ours["ours_x86"] = backend("x86").load(conversion.paths["x86"])
+    for fmt in optional:
+        if fmt in conversion.paths:
+            ours[f"ours_{fmt}"] = backend(fmt).load(conversion.paths[fmt])
     stock: dict[str, Callable] = {"fx_x86": fx_int8(model, "x86", calib)}
     if openvino_available():
         ours["ours_openvino"] = openvino_runner(str(conversion.paths["onnx"]))
