@@ -354,3 +354,21 @@ def test_conv1d_layers_convert_on_integer_weights_and_follow_the_model(tmp_path)
     proto = onnx.load(str(result.paths["onnx"]))
     int8_weights = [i.dims for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
     assert sorted(map(list, int8_weights)) == [[4, 16], [16, 1, 3], [16, 2, 5]]
+
+
+def test_per_tensor_weights_convert_and_the_packed_file_reloads_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    apply_plan(model, plan_quantization(model, 4, per_channel_weights=False))
+    _calibrated(model)
+    x = torch.randn(16, 1, 8, 8)
+
+    result = convert_model(model, (x,), tmp_path, check_batches=[((x,), None)])
+
+    assert result.failed == {} and result.float_layers == {}
+    assert all(f.agreement == 1.0 and f.relative_error < 1e-4 for f in result.fidelity.values()), result.fidelity
+    float_model = SmallCNN()
+    float_model.load_state_dict(load_packed_weights(result.packed_path))
+    for name, layer in fake_quantized_layers(model):
+        assert layer.weight_quantizer.scale.dim() == 0  # one scale for the whole tensor
+        assert torch.equal(float_model.get_submodule(name).weight, layer.quantized_weight()), name
