@@ -4,11 +4,12 @@ Models nobody here wrote: random init, small inputs, a few QAT steps (observers 
 statistics update), then ``convert_model`` with the default formats. Each file is checked by ``convert_model``
 itself on held-out batches; the test asserts the figures and reads the report back from disk.
 
-The ``.pt2`` program must be exact. A runtime with its own float kernels (ONNX Runtime) rounds a few values near
-a grid boundary the other way, and in a deep random-init network such flips cascade: the fake-quant model itself
-moves its logits by up to 6% when its input is perturbed by one part in a million (EfficientNet-B0 at 8 bits).
-The ONNX file is held to 2% or to 3x that self-sensitivity, measured on the same batches, whichever is larger,
-and to the same predictions except where the model's self-sensitivity exceeds 1%.
+The ``.pt2`` program is held to exactness (or to the model's own float-order floor, where eager PyTorch runs a
+fused kernel that export decomposes, as ``nn.MultiheadAttention``'s fast path). A runtime with its own float kernels
+(ONNX Runtime) rounds a few values near a grid boundary the other way, and in a deep random-init network such flips
+cascade: the fake-quant model itself moves its logits by up to 6% when its input is perturbed by one part in a
+million (EfficientNet-B0 at 8 bits). Each file is loaded back and held, sample by sample, to 2% or 3x that floor
+(measured on the same batches), whichever is larger, and to the same top class; one sample in 24 may cascade.
 
 The default suite runs each family at one width, alternating 8 and 4 bits down the sorted list (the suite must
 stay well under 15 minutes on 2 cores); ``QAT_LIGHTNING_ZOO=full`` runs every family at both.
@@ -25,6 +26,7 @@ import torchvision
 from torch import nn
 
 from qat_lightning import convert_model
+from qat_lightning.convert.backends import backend
 from qat_lightning.nn import apply_plan, plan_quantization
 
 # family -> (builder kwargs, input side); the smallest variant of each classification family, at the smallest
@@ -102,18 +104,29 @@ def _cases() -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
-def _self_sensitivity(model: nn.Module, batches: list) -> tuple[float, float]:
-    """Relative logit change and arg-max agreement of ``model`` itself under 1e-6 relative input noise."""
+def _float_order_floor(model: nn.Module, batches: list) -> float:
+    """How far the fake-quant model moves from itself when only float rounding changes: the larger relative logit
+    change under 1e-6 relative input noise and under torch's non-oneDNN convolutions (same math, other order)."""
     generator = torch.Generator().manual_seed(1)
-    change = norm = same = total = 0.0
+    noise = order = norm = 0.0
     for (x,), _ in batches:
         clean = model(x)
-        noisy = model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator)))
-        change += float((noisy - clean).pow(2).sum())
+        noise += float((model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator))) - clean).pow(2).sum())
+        with torch.backends.mkldnn.flags(enabled=False):
+            order += float((model(x) - clean).pow(2).sum())
         norm += float(clean.pow(2).sum())
-        same += float((noisy.argmax(1) == clean.argmax(1)).sum())
-        total += len(x)
-    return (change / norm) ** 0.5, same / total
+    return (max(noise, order) / norm) ** 0.5
+
+
+@torch.no_grad()
+def _per_sample(model: nn.Module, run, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample relative logit error and top-class agreement of the loaded file ``run`` against ``model``."""
+    errors, same = [], []
+    for (x,), _ in batches:
+        expected, actual = model(x), run(x)
+        errors.append((actual - expected).norm(dim=1) / expected.norm(dim=1))
+        same.append(actual.argmax(1) == expected.argmax(1))
+    return torch.cat(errors), torch.cat(same)
 
 
 @pytest.mark.zoo
@@ -125,13 +138,16 @@ def test_torchvision_family_converts_and_files_follow_the_model(family: str, bit
 
     assert result.failed == {}
     assert set(result.fidelity) == {"pt2", "onnx"}
-    pt2, onnx = result.fidelity["pt2"], result.fidelity["onnx"]
-    assert pt2.samples == onnx.samples == 24
-    assert pt2.agreement == 1.0 and pt2.relative_error < 1e-5, pt2
-    sensitivity, self_agreement = _self_sensitivity(model, batches)
-    assert onnx.relative_error <= max(0.02, 3 * sensitivity), (onnx, sensitivity)
-    # one sample in 24 may swap its top class where the model itself is that sensitive (its top-2 margins are tiny)
-    assert onnx.agreement >= (0.99 if sensitivity <= 0.01 else self_agreement - 1 / 24), (onnx, sensitivity)
+    floor = _float_order_floor(model, batches)
+    for fmt, fidelity in result.fidelity.items():
+        assert fidelity.samples == 24
+        errors, same = _per_sample(model, backend(fmt).load(result.paths[fmt]), batches)
+        assert fidelity.agreement == pytest.approx(float(same.float().mean()))  # the report says what the file does
+        # A value that rounds the other way in one sample can cascade through a random-init network: one sample in
+        # 24 may go beyond the bound (and swap its top class); the others must stay within it.
+        bound = max(0.02, 3 * floor)
+        assert int((errors > bound).sum()) <= 1 and int((~same).sum()) <= 1, (fmt, errors.max(), floor)
+    assert result.fidelity["pt2"].relative_error <= max(1e-5, 3 * floor), result.fidelity["pt2"]
     report = json.loads((tmp_path / "conversion_report.json").read_text())
     assert report["float_layers"] == result.float_layers
     assert sorted(report["int8_layers"]) == result.int8_layers and result.int8_layers
