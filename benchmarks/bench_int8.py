@@ -190,6 +190,7 @@ def bench_model(
     conversion = convert_model(qat8, (calib[0],), out / label, formats=formats, check_batches=checks)
     result["convert_s"] = round(time.perf_counter() - started, 1)
     result["fidelity"] = {fmt: f.as_dict() for fmt, f in conversion.fidelity.items()}
+    result["failed"] = conversion.failed
     ours = {"ours_ort": ort_runner(conversion.paths["onnx"]), "ours_pt2": backend("pt2").load(conversion.paths["pt2"])}
     for fmt in optional:
         if fmt in conversion.paths:
