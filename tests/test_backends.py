@@ -14,16 +14,17 @@ from torch import nn
 from qat_lightning import convert_model
 from qat_lightning.convert import BACKENDS, DEFAULT_FORMATS
 from qat_lightning.convert.backends import backend, check_formats
+from qat_lightning.convert.fidelity import relative_error
 from qat_lightning.nn import apply_plan, plan_quantization
 
 
-def _calibrated(model: nn.Module, in_channels: int, bits: int = 8) -> nn.Module:
-    torch.manual_seed(0)
+def _calibrated(model: nn.Module, input_shape: tuple[int, ...], bits: int = 8) -> nn.Module:
+    """``model`` fake-quantized at ``bits`` (first/last at 8), its observers run on 3 random batches of 16."""
     apply_plan(model, plan_quantization(model, bits, first_last_bits=8))
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn(16, in_channels, 16, 16))
+            model(torch.randn(16, *input_shape))
     return model.eval()
 
 
@@ -63,7 +64,7 @@ x86_available = pytest.mark.skipif(backend("x86").requirement() is not None, rea
 @x86_available
 def test_x86_package_calls_onednn_int8_kernels_and_follows_the_model(tmp_path) -> None:
     """Fails loudly if a torch release stops fusing the reference program into oneDNN int8 kernels."""
-    model = _calibrated(_rgb_cnn(), 3)
+    model = _calibrated(_rgb_cnn(), (3, 16, 16))
     batches = [((torch.randn(8, 3, 16, 16),), None) for _ in range(3)]
     result = convert_model(model, batches[0][0], tmp_path, formats=("x86",), packed=False, check_batches=batches)
 
@@ -93,7 +94,7 @@ def test_x86_package_calls_onednn_int8_kernels_and_follows_the_model(tmp_path) -
 def test_x86_package_that_computes_something_else_is_refused_and_the_other_files_written(tmp_path) -> None:
     """oneDNN's fused int8 convolution goes wrong on a single input channel: the backend notices and says so."""
     torch.manual_seed(0)
-    model = _calibrated(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)), 1)
+    model = _calibrated(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)), (1, 16, 16))
     with pytest.warns(UserWarning, match="the 'x86' file could not be written"):
         result = convert_model(model, (torch.randn(8, 1, 16, 16),), tmp_path, formats=("pt2", "x86"), packed=False)
     assert "single input channel" in result.failed["x86"]
@@ -121,11 +122,11 @@ def _executorch_file_follows_the_model(model: nn.Module, shape: tuple[int, ...],
     run = backend("executorch").load(result.paths["executorch"])
     with torch.no_grad():
         expected = model(x)
-    assert float((run(x) - expected).norm() / expected.norm()) < 0.01  # the full 64, past the example batch of 8
+    assert relative_error(run(x), expected) < 0.01  # the full 64, past the example batch of 8
     for batch in (1, 8):
         with torch.no_grad():
             expected = model(x[:batch])
-        assert float((run(x[:batch]) - expected).norm() / expected.norm()) < 0.01, batch
+        assert relative_error(run(x[:batch]), expected) < 0.01, batch
     return {"bytes": result.sizes[result.paths["executorch"]]}
 
 
@@ -134,13 +135,7 @@ def test_executorch_file_of_resnet20_follows_the_model_at_any_batch(tmp_path, ca
     from qat_lightning.models import resnet20
 
     torch.manual_seed(0)
-    model = resnet20()
-    apply_plan(model, plan_quantization(model, 8, first_last_bits=8))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 3, 32, 32))
-    model.eval()
+    model = _calibrated(resnet20(), (3, 32, 32))
     with caplog.at_level("INFO", logger="qat_lightning.convert.backends.executorch"):
         _executorch_file_follows_the_model(model, (3, 32, 32), tmp_path)
     # XNNPACK rounds an int8 layer's bias to input scale * weight scale: on this chaotic random network that alone
@@ -153,13 +148,7 @@ def test_executorch_file_of_a_4_bit_cnn_runs_its_convolutions_on_int8(tmp_path, 
     from qat_lightning import SmallCNN
 
     torch.manual_seed(0)
-    model = SmallCNN(channels=(8, 16))
-    apply_plan(model, plan_quantization(model, 4, first_last_bits=8))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 1, 8, 8))
-    model.eval()
+    model = _calibrated(SmallCNN(channels=(8, 16)), (1, 8, 8), bits=4)
     with caplog.at_level("INFO", logger="qat_lightning.convert.backends.executorch"):
         _executorch_file_follows_the_model(model, (1, 8, 8), tmp_path)
     assert "XNNPACK int8 layers ['features.0', 'features.4'], the others float" in caplog.text

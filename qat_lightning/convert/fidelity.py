@@ -39,6 +39,11 @@ def as_logits(output: Any) -> torch.Tensor:
     raise TypeError(f"Cannot compare model outputs of type {type(output).__name__}: expected a tensor of logits.")
 
 
+def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||candidate - reference|| / ||reference||`` (L2 over all elements; the denominator at least 1e-12)."""
+    return float((candidate - reference).norm() / reference.norm().clamp(min=1e-12))
+
+
 class FidelityMeter:
     """Accumulates ``Fidelity`` over batches of reference and candidate logits."""
 

@@ -13,17 +13,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from qat_lightning.convert.api import Batch, ConversionResult, convert_model
-from qat_lightning.convert.backends import DEFAULT_FORMATS
+from qat_lightning.convert.backends import DEFAULT_FORMATS, backend
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SUBDIR = "quantized"
-_HOW_TO_LOAD = {
-    "pt2": "torch.export.load('{path}').module()",
-    "onnx": "onnxruntime.InferenceSession('{path}')",
-    "executorch": "executorch.runtime.Runtime.get().load_program('{path}')",
-    "x86": "torch._inductor.aoti_load_package('{path}')",
-}
 
 
 def model_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -98,7 +92,9 @@ def convert_from_trainer(
         f"weights and inputs, {len(result.float_layers)} float."
     )
     for fmt in result.fidelity:
-        rank_zero_info(f"qat-lightning: load the {fmt} file with `{_HOW_TO_LOAD[fmt].format(path=result.paths[fmt])}`.")
+        rank_zero_info(
+            f"qat-lightning: load the {fmt} file with `{backend(fmt).LOAD_HINT.format(path=result.paths[fmt])}`."
+        )
     _log_fidelity(trainer, result)
     return result
 

@@ -25,7 +25,7 @@ from qat_lightning.convert.readout import InputGrid, IntegerModel
 _CONTAINER_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
-def _qdq_ops():  # type: ignore[no-untyped-def]
+def qdq_ops():  # type: ignore[no-untyped-def]
     """``torch.ops.quantized_decomposed`` (registered by torchao's PT2E package, which imports torch's library)."""
     import torchao.quantization.pt2e  # noqa: F401 - registers the quantized_decomposed ops
 
@@ -83,7 +83,7 @@ class QuantizeDequantize(nn.Module):
         args = (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
         if self.plain_aten:
             return _dequantize_aten(_quantize_aten(x, *args), *args)
-        ops = _qdq_ops()
+        ops = qdq_ops()
         return ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
 
 
@@ -99,7 +99,7 @@ class _IntegerWeightLayer(nn.Module):
         args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
         if self.input_grid.plain_aten:
             return _dequantize_per_channel_aten(*args)
-        return _qdq_ops().dequantize_per_channel.default(*args)
+        return qdq_ops().dequantize_per_channel.default(*args)
 
 
 class _IntegerConv(_IntegerWeightLayer):
@@ -158,6 +158,13 @@ class ReferenceSource:
         self.integer = integer
         self.example_inputs = tuple(example_inputs)
         self._programs: dict[tuple[torch.dtype, bool, bool], torch.export.ExportedProgram] = {}
+        self._folded: IntegerModel | None = None
+
+    def folded(self) -> IntegerModel:
+        """``integer.folded(example_inputs)``, computed once (it exports the model to find the BatchNorm pairs)."""
+        if self._folded is None:
+            self._folded = self.integer.folded(self.example_inputs)
+        return self._folded
 
     def program(
         self, activation_dtype: torch.dtype = torch.uint8, fold_batchnorm: bool = False, plain_aten: bool = False
@@ -170,6 +177,6 @@ class ReferenceSource:
         """
         key = (activation_dtype, fold_batchnorm, plain_aten)
         if key not in self._programs:
-            integer = self.integer.folded(self.example_inputs) if fold_batchnorm else self.integer
+            integer = self.folded() if fold_batchnorm else self.integer
             self._programs[key] = reference_program(integer, self.example_inputs, activation_dtype, plain_aten)
         return self._programs[key]

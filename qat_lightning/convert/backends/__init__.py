@@ -1,8 +1,9 @@
 """Backends: each turns the reference int8 program into one deployable file and runs that file back.
 
-A backend is a module with ``NAME``, ``FILE_NAME`` (a format string with ``{name}``), ``requirement()`` (``None``
-when its dependencies are importable, else the install command), ``write(source, path)`` and ``load(path)``
-(a callable from the model's inputs to its output tensor). Each is optional and deletable on its own: only this
+A backend is a module with ``NAME``, ``FILE_NAME`` (a format string with ``{name}``), ``LOAD_HINT`` (how a user
+runs the file, a format string with ``{path}``), ``requirement()`` (``None`` when its dependencies are importable,
+else the install command), ``write(source, path)`` and ``load(path)`` (a callable from the model's inputs to its
+output tensor). Each is optional and deletable on its own: only this
 table names them.
 """
 

@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat_lightning.convert.reference import ReferenceSource, reference_module
+from qat_lightning.convert.fidelity import relative_error
+from qat_lightning.convert.reference import ReferenceSource, qdq_ops, reference_module
 
 NAME = "executorch"
 FILE_NAME = "{name}_int8.pte"
+LOAD_HINT = "executorch.runtime.Runtime.get().load_program('{path}')"  # how a user runs the file, shown at fit end
 log = logging.getLogger(__name__)
 MAX_RELATIVE_ERROR = 0.01  # of the file's output against the reference program on the example inputs
 INT8_RELATIVE_ERROR = 0.005  # the int8 kernels are kept within this, else every layer runs as a float kernel
@@ -67,12 +69,6 @@ def requirement() -> str | None:
     return None
 
 
-def _qdq():  # type: ignore[no-untyped-def]
-    import torchao.quantization.pt2e  # noqa: F401 - registers the quantized_decomposed ops
-
-    return torch.ops.quantized_decomposed
-
-
 def _gemm_layers(program: torch.export.ExportedProgram) -> dict[str, torch.fx.Node]:
     """``{layer name: conv/linear node}`` of the layers whose weight is ``dequantize_per_channel(codes)``."""
     buffers = program.graph_signature.inputs_to_buffers
@@ -80,7 +76,7 @@ def _gemm_layers(program: torch.export.ExportedProgram) -> dict[str, torch.fx.No
     for node in program.graph.nodes:
         if node.op == "call_function" and node.target in _GEMMS:
             weight = node.args[1]
-            if isinstance(weight, torch.fx.Node) and weight.target == _qdq().dequantize_per_channel.default:
+            if isinstance(weight, torch.fx.Node) and weight.target == qdq_ops().dequantize_per_channel.default:
                 name = buffers.get(weight.args[0].name, "")
                 if name.endswith(".weight_codes"):
                     layers[name.removesuffix(".weight_codes")] = node
@@ -92,7 +88,7 @@ def _output_chain(gemm: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.No
     chain, node = [], gemm
     while len(node.users) == 1:
         (user,) = node.users
-        if user.target == _qdq().quantize_per_tensor.default:
+        if user.target == qdq_ops().quantize_per_tensor.default:
             return chain, user
         if user.target not in _COMMUTING or user.args[0] is not node:
             return None
@@ -108,7 +104,7 @@ def _int8_outputs(program: torch.export.ExportedProgram) -> list[str]:
 
 def _insert_output_quantize(program: torch.export.ExportedProgram, layers: list[str]) -> None:
     """Put ``quantize -> dequantize`` on the next layer's grid after each of ``layers`` and its commuting ops."""
-    qdq = _qdq()
+    qdq = qdq_ops()
     graph = program.graph
     for name, gemm in _gemm_layers(program).items():
         if name not in layers:
@@ -186,7 +182,7 @@ def _lower(source: ReferenceSource, int8: list[str]) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    integer = source.integer.folded(source.example_inputs)
+    integer = source.folded()
     module = reference_module(integer, torch.int8)
     _with_float_weights(module, [n for n in integer.layers if n not in int8])
     _finest_codes(module, int8)
@@ -196,7 +192,7 @@ def _lower(source: ReferenceSource, int8: list[str]) -> bytes:
 
 
 def _relative_error(program: bytes, inputs: tuple[torch.Tensor, ...], expected: torch.Tensor) -> float:
-    return float((_runner(program)(*inputs) - expected).norm() / expected.norm().clamp(min=1e-12))
+    return relative_error(_runner(program)(*inputs), expected)
 
 
 def lowered_program(source: ReferenceSource) -> tuple[bytes, list[str], float]:
@@ -205,9 +201,7 @@ def lowered_program(source: ReferenceSource) -> tuple[bytes, list[str], float]:
     The int8 candidates are tried first and kept if they stay within ``INT8_RELATIVE_ERROR`` of the reference;
     otherwise every layer runs as a float kernel.
     """
-    reference = _export(
-        reference_module(source.integer.folded(source.example_inputs), torch.int8), source.example_inputs
-    )
+    reference = _export(reference_module(source.folded(), torch.int8), source.example_inputs)
     with torch.no_grad():
         expected = reference.module()(*source.example_inputs)
     candidates = _int8_outputs(reference)

@@ -18,6 +18,7 @@ from qat_lightning.convert.reference import ReferenceSource
 
 NAME = "onnx"
 FILE_NAME = "{name}_int8.onnx"
+LOAD_HINT = "onnxruntime.InferenceSession('{path}')"  # how a user runs the file, shown at fit end
 ONNX_OPSET = 18
 
 

@@ -16,6 +16,7 @@ from qat_lightning.convert.reference import ReferenceSource
 
 NAME = "pt2"
 FILE_NAME = "{name}_int8.pt2"
+LOAD_HINT = "torch.export.load('{path}').module()"  # how a user runs the file, shown at fit end
 # Node metadata that only helps debugging: dropping it keeps the file close to the size of its int8 weights.
 _DEBUG_META = ("stack_trace", "source_fn_stack", "from_node", "nn_module_stack", "torch_fn", "original_aten")
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from qat_lightning.convert.fidelity import relative_error
 from qat_lightning.convert.reference import ReferenceSource
 
 NAME = "x86"
 FILE_NAME = "{name}_x86.pt2"
+LOAD_HINT = "torch._inductor.aoti_load_package('{path}')"  # how a user runs the file, shown at fit end
 TESTED_TORCH = ((2, 6), (2, 14))  # oldest and newest (major, minor) checked
 MAX_RELATIVE_ERROR = 0.01  # of the package's output against the program's on the example inputs
 
@@ -52,7 +54,7 @@ def write(source: ReferenceSource, path: Path) -> None:
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
         expected = program.module()(*source.example_inputs)
-        error = float((load(path)(*source.example_inputs) - expected).norm() / expected.norm().clamp(min=1e-12))
+        error = relative_error(load(path)(*source.example_inputs), expected)
     if error > MAX_RELATIVE_ERROR:
         raise RuntimeError(
             f"the compiled package computes something else than the int8 program (relative error {error:.3f} on the "
