@@ -39,7 +39,7 @@ from torch import nn
 from qat_lightning import convert_model, save_packed_weights
 from qat_lightning.convert.backends import backend
 from qat_lightning.models import resnet20
-from qat_lightning.nn import apply_plan, plan_quantization
+from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
 
 warnings.filterwarnings("ignore")
 THREADS = 2
@@ -61,9 +61,11 @@ def float_model(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def fake_quant_model(model: nn.Module, bits: int, batches: list[torch.Tensor]) -> nn.Module:
-    """``model`` with fake quantization at ``bits`` (weights and inputs), observers calibrated on ``batches``."""
+    """``model`` with fake quantization at ``bits`` (weights and inputs; shared inputs rounded where they are
+    produced), observers calibrated on ``batches``."""
     qat = copy.deepcopy(model)
     apply_plan(qat, plan_quantization(qat, bits, first_last_bits=8))
+    share_input_quantizers(qat, find_input_producers(qat, (batches[0],)))  # as QuantizationCallback does
     qat.train()
     for m in qat.modules():  # keep the BatchNorm statistics: calibrate the quantizers only
         if isinstance(m, nn.BatchNorm2d):

@@ -36,6 +36,7 @@ from qat_lightning.nn import (
     apply_plan,
     apply_weight_norm,
     fake_quantized_layers,
+    find_input_producers,
     float_snapshot,
     fold_weight_norm_state_dict,
     is_prepared,
@@ -43,6 +44,7 @@ from qat_lightning.nn import (
     quantized_snapshot,
     remove_weight_norm,
     restore_float,
+    share_input_quantizers,
 )
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, sqnr_db
 from qat_lightning.report import MetricTable
@@ -78,6 +80,7 @@ __all__ = [
     "convert_model",
     "integer_model",
     "fake_quantized_layers",
+    "find_input_producers",
     "format_sensitivity",
     "is_prepared",
     "layer_sensitivity",
@@ -97,4 +100,5 @@ __all__ = [
     "restore_float",
     "sqnr_db",
     "save_packed_weights",
+    "share_input_quantizers",
 ]

@@ -19,6 +19,7 @@ from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
     LayerPlan,
     apply_plan,
+    find_input_producers,
     format_plan,
     freeze_batchnorm_stats,
     is_prepared,
@@ -26,7 +27,9 @@ from qat_lightning.nn import (
     prepare_for_state_dict,
     quantizers,
     set_observers_enabled,
+    share_input_quantizers,
     unsupported_layers,
+    with_input_producers,
 )
 from qat_lightning.quant import check_bits
 from qat_lightning.quant.config import ObserverName
@@ -144,6 +147,11 @@ class QuantizationCallback(Callback):
         convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
         formats: the files to write, any of ``qat_lightning.convert.BACKENDS`` (``"pt2"``, ``"onnx"``, ...).
         agreement_batches: validation batches each file is checked on against the fake-quant model.
+        share_inputs: round a layer input where it is produced when other ops read it too (a residual branch):
+            every reader sees the integer values the int8 files store, so OpenVINO and oneDNN fuse the rounding
+            into the producing kernel (see ``qat_lightning.nn.input_sharing``; traced on
+            the model's last call before fake quantization starts, a training or sanity-check validation step, else
+            ``example_input_array``). ``False``: each layer rounds its own input.
 
     Example::
 
@@ -173,6 +181,7 @@ class QuantizationCallback(Callback):
         convert_dir: str | Path | None = None,
         formats: Sequence[str] = DEFAULT_FORMATS,
         agreement_batches: int = 100,
+        share_inputs: bool = True,
     ) -> None:
         if mode not in ("qat", "ptq"):
             raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
@@ -225,6 +234,9 @@ class QuantizationCallback(Callback):
         self.convert_dir = convert_dir
         self.formats = check_formats(formats)
         self.agreement_batches = agreement_batches
+        self.share_inputs = share_inputs
+        self._call_recorder: torch.utils.hooks.RemovableHandle | None = None
+        self._last_call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self.plan: list[LayerPlan] = []
         self.quantized = False
         self.bn_frozen = False
@@ -276,6 +288,12 @@ class QuantizationCallback(Callback):
         rank_zero_info(f"QuantizationCallback plan ({self.mode}):\n{format_plan(self.plan)}")
         # Checkpoints saved during QAT hold quantizer state: rebuild that structure before they load.
         pl_module.register_load_state_dict_pre_hook(self._prepare_for_state_dict)
+        if self.share_inputs and self._call_recorder is None:  # the inputs to trace input sharing on
+
+            def remember_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._last_call = (args, kwargs)  # a function, not a method: deep copies of the model share it
+
+            self._call_recorder = pl_module.register_forward_pre_hook(remember_call, with_kwargs=True)
 
     def _prepare_for_state_dict(
         self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
@@ -417,6 +435,9 @@ class QuantizationCallback(Callback):
     def _insert_fake_quant(self, pl_module: torch.nn.Module, reason: str) -> None:
         plan = self.plan or plan_quantization(pl_module, self.bits, **self._plan_options)
         apply_plan(pl_module, plan)
+        if self.share_inputs and not any(p.input_from for p in plan):
+            plan = with_input_producers(plan, self._share_inputs(pl_module))
+        self.plan = plan
         self.quantized = True
         if self.observers_frozen:
             set_observers_enabled(pl_module, False)
@@ -427,6 +448,36 @@ class QuantizationCallback(Callback):
         trainer = getattr(pl_module, "_trainer", None)
         if trainer is not None:
             self._group_learned_scales(trainer, pl_module)
+
+    def _share_inputs(self, pl_module: torch.nn.Module) -> dict[str, str]:
+        """Round each shared layer input where it is produced (``share_input_quantizers``), traced on the inputs of
+        the model's last call (training or sanity-check validation), else on ``example_input_array``."""
+        if self._call_recorder is not None:
+            self._call_recorder.remove()
+            self._call_recorder = None
+        call, self._last_call = self._last_call, None
+        if call is None and getattr(pl_module, "example_input_array", None) is not None:
+            example = pl_module.example_input_array
+            call = (tuple(example) if isinstance(example, (tuple, list)) else (example,), {})
+        if call is None:
+            rank_zero_info(
+                "QuantizationCallback: the model was not called before fake quantization started, so each layer "
+                "rounds its own input; set `example_input_array` (or keep the sanity-check validation steps) to "
+                "round shared inputs where they are produced."
+            )
+            return {}
+        args, kwargs = call
+        try:
+            shared = share_input_quantizers(pl_module, find_input_producers(pl_module, args, kwargs))
+        except Exception as err:  # noqa: BLE001 - sharing is an optimisation: QAT works without it
+            rank_zero_warn(
+                f"QuantizationCallback: could not trace which module produces each layer input ({type(err).__name__}:"
+                f" {err}); each layer rounds its own input, other readers of it (residual branches) get it unrounded. "
+                "Set `share_inputs=False` to silence this."
+            )
+            return {}
+        rank_zero_info(f"QuantizationCallback: {len(shared)} layer inputs are rounded where they are produced.")
+        return shared
 
     @staticmethod
     def _group_learned_scales(trainer: pl.Trainer, pl_module: torch.nn.Module) -> None:

@@ -5,8 +5,9 @@ and returns an ``IntegerModel``: a float copy of the model whose integer layers 
 inputs rounded to their trained grid, plus the records the backends write. ``IntegerModel.folded(example_inputs)``
 folds BatchNorm into the layers that feed it (codes keep their magnitude, scales absorb
 ``|gamma / sqrt(var + eps)|``) for the backends whose integer kernels need it. Nothing else in the model is
-quantized, exactly as in QAT (residual adds, concatenations and pooling stay float), so every artifact computes
-what the validated model computed.
+quantized, exactly as in QAT (residual adds, concatenations and pooling stay float, and read the rounded tensor
+where QAT shares an input quantizer at its producer's output), so every artifact computes what the validated
+model computed.
 
 Layers that no integer kernel can run (weights or inputs wider than 8 bits, float inputs, a scheme other than
 symmetric weights and per-tensor inputs) stay float in the artifacts: their weights keep their grid values and
@@ -25,6 +26,7 @@ from torch import nn
 from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
 from qat_lightning.convert.export import export_program
 from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
+from qat_lightning.nn.input_sharing import rounded_producers
 from qat_lightning.quant import FakeQuantizer, quant_range
 from qat_lightning.quant.primitives import EPS
 
@@ -65,6 +67,8 @@ class IntegerLayer:
         scale: per-output-channel weight scale, float32, shape ``(C,)`` (a per-tensor scale is repeated).
         bits: weight bit width (codes lie in ``-2**(bits-1) .. 2**(bits-1) - 1``).
         input: the trained grid of the layer input (``None``: float input, for a layer that stays float).
+        input_at: the module at whose output that grid is applied, shared with the other layers reading it
+            (``qat_lightning.nn.input_sharing``); ``None``: at the layer's own input.
     """
 
     name: str
@@ -72,6 +76,7 @@ class IntegerLayer:
     scale: torch.Tensor
     bits: int
     input: InputGrid | None
+    input_at: str | None = None
 
     def weight(self) -> torch.Tensor:
         """``codes * scale`` (float32), exactly the weight the fake-quant layer used (after any fold)."""
@@ -124,7 +129,8 @@ def read_layer(name: str, layer: FakeQuantizedLayer) -> IntegerLayer:
     codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1)))
     dtype = torch.int8 if wq.config.bits <= INTEGER_MAX_BITS else torch.int32
     grid = InputGrid.of(iq) if isinstance(iq, FakeQuantizer) and iq.calibrated else None
-    return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid)
+    producer = iq.producer if isinstance(iq, FakeQuantizer) else None
+    return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid, producer)
 
 
 class FrozenInputGrid(nn.Module):
@@ -202,5 +208,9 @@ def integer_model(model: nn.Module) -> IntegerModel:
         layer.weight_quantizer = nn.Identity()
         iq = layer.input_quantizer
         if isinstance(iq, FakeQuantizer):
-            layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if iq.calibrated else nn.Identity()
+            rounds_here = iq.calibrated and iq.producer is None
+            layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if rounds_here else nn.Identity()
+    for producer in rounded_producers(copy_).values():  # shared input grids, applied where the input is made
+        q = producer.output_quantizer
+        producer.round_output_with(FrozenInputGrid(InputGrid.of(q)) if q.calibrated else nn.Identity())
     return IntegerModel(copy_, layers, float_layers, codes)

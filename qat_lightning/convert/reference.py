@@ -88,16 +88,18 @@ class QuantizeDequantize(nn.Module):
 
 
 class _IntegerWeightLayer(nn.Module):
-    """Mixin of the reference layers: the weight is ``dequantize_per_channel(codes)``, the input on its grid."""
+    """Mixin of the reference layers: the weight is ``dequantize_per_channel(codes)``, the input on its grid
+    (``input_grid``, or ``nn.Identity`` when the producer of the input rounds it)."""
 
     weight_codes: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
-    input_grid: QuantizeDequantize
+    input_grid: nn.Module
+    plain_aten: bool
 
     def dequantized_weight(self) -> torch.Tensor:
         args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
-        if self.input_grid.plain_aten:
+        if self.plain_aten:
             return _dequantize_per_channel_aten(*args)
         return qdq_ops().dequantize_per_channel.default(*args)
 
@@ -122,6 +124,8 @@ def reference_module(
 ) -> nn.Module:
     """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager).
 
+    An input shared at its producer's output is quantized there, once, for all its readers.
+
     With ``plain_aten`` the quantize/dequantize steps are ordinary ATen arithmetic with the same numbers instead of
     the PT2E ops: a program of it loads with ``torch.export.load`` in a process that has torch alone.
     """
@@ -132,7 +136,11 @@ def reference_module(
         target.register_buffer("weight_codes", layer.codes.to(torch.int8).clone())
         target.register_buffer("weight_scale", layer.scale.clone())
         target.register_buffer("weight_zero_point", torch.zeros(layer.scale.shape, dtype=torch.int64))
-        target.input_grid = QuantizeDequantize(layer.input, activation_dtype, plain_aten)
+        target.plain_aten = plain_aten
+        grid = QuantizeDequantize(layer.input, activation_dtype, plain_aten)
+        target.input_grid = grid if layer.input_at is None else nn.Identity()
+        if layer.input_at is not None:  # rounded once where it is made: every reader gets the same codes
+            module.get_submodule(layer.input_at).round_output_with(grid)
         target.__class__ = _integer_class(type(target))
     return module.eval()
 
@@ -143,8 +151,21 @@ def reference_program(
     activation_dtype: torch.dtype = torch.uint8,
     plain_aten: bool = False,
 ) -> torch.export.ExportedProgram:
-    """The reference int8 program of ``integer`` (dynamic batch dimension where the model allows it)."""
-    return export_program(reference_module(integer, activation_dtype, plain_aten), example_inputs)
+    """The reference int8 program of ``integer`` (dynamic batch dimension where the model allows it).
+
+    A dequantize read by several ops (a shared input grid) is copied for each reader, as ``convert_pt2e`` does, so
+    that every integer kernel's pattern (``dequantize -> conv``) is its own for the lowerings that fuse it.
+    """
+    program = export_program(reference_module(integer, activation_dtype, plain_aten), example_inputs)
+    return program if plain_aten else with_dequantize_per_reader(program)
+
+
+def with_dequantize_per_reader(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` (changed in place) with each PT2E dequantize read by several ops copied for each reader."""
+    from torchao.quantization.pt2e.quantizer import DuplicateDQPass
+
+    DuplicateDQPass()(program.graph_module)
+    return program
 
 
 class ReferenceSource:

@@ -11,6 +11,7 @@ from qat_lightning.nn.fake_quantized import (
     is_quantizable,
     restore_float_layer,
 )
+from qat_lightning.nn.input_sharing import find_input_producers, share_input_quantizers, unshare_input_quantizers
 from qat_lightning.nn.prepare import (
     LayerPlan,
     apply_plan,
@@ -25,6 +26,7 @@ from qat_lightning.nn.prepare import (
     restore_float,
     set_observers_enabled,
     unsupported_layers,
+    with_input_producers,
 )
 from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
 from qat_lightning.nn.weight_norm import (
@@ -46,6 +48,7 @@ __all__ = [
     "apply_weight_norm",
     "fake_quantize_layer",
     "fake_quantized_layers",
+    "find_input_producers",
     "format_plan",
     "freeze_batchnorm_stats",
     "is_prepared",
@@ -62,5 +65,8 @@ __all__ = [
     "remove_weight_norm",
     "restore_float_layer",
     "set_observers_enabled",
+    "share_input_quantizers",
+    "unshare_input_quantizers",
     "unsupported_layers",
+    "with_input_producers",
 ]

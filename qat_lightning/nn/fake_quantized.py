@@ -36,6 +36,13 @@ class FakeQuantizedLayer(nn.Module):
     weight_quantizer: FakeQuantizer
     input_quantizer: nn.Module  # a FakeQuantizer, or nn.Identity when activations stay float
 
+    def quantized_input(self, input: torch.Tensor) -> torch.Tensor:
+        """``input`` on the input grid: rounded here, or as it comes when it was rounded where it was produced
+        (a quantizer shared at its producer's output, see ``input_sharing``)."""
+        if getattr(self.input_quantizer, "producer", None) is not None:
+            return input
+        return self.input_quantizer(input)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (on the grid), without updating any observer."""
         was_training = self.weight_quantizer.training
@@ -49,13 +56,13 @@ class FakeQuantizedLayer(nn.Module):
 class _FakeQuantizedConv(FakeQuantizedLayer):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(  # type: ignore[attr-defined]
-            self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias
+            self.quantized_input(input), self.weight_quantizer(self.weight), self.bias
         )
 
 
 class _FakeQuantizedLinear(FakeQuantizedLayer):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.quantized_input(input), self.weight_quantizer(self.weight), self.bias)
 
 
 class FakeQuantizedConv1d(_FakeQuantizedConv, nn.Conv1d):

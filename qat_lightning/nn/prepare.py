@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from qat_lightning.nn.fake_quantized import (
     is_quantizable,
     restore_float_layer,
 )
+from qat_lightning.nn.input_sharing import share_input_quantizers, unshare_input_quantizers
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, check_bits, weight_config
 from qat_lightning.quant.config import ObserverName
 
@@ -23,12 +25,17 @@ _NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNo
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What happens to one layer: its qualified name, type and the configs of its two quantizers."""
+    """What happens to one layer: its qualified name, type and the configs of its two quantizers.
+
+    ``input_from``: the module at whose output the input quantizer is applied, shared with the other layers that
+    read that output (``input_sharing``); ``None``: the layer rounds its own input.
+    """
 
     name: str
     layer_type: str
     weight: QuantizerConfig
     activation: QuantizerConfig | None
+    input_from: str | None = None
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -141,6 +148,7 @@ def plan_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> lis
                 layer_type="",
                 weight=QuantizerConfig(**extra["config"]),
                 activation=QuantizerConfig(**activation["config"]) if activation else None,
+                input_from=activation.get("producer") if activation else None,
             )
         )
     return plan
@@ -168,13 +176,16 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], pref
 
 
 def format_plan(plan: Sequence[LayerPlan]) -> str:
-    """The plan as a fixed-width text table: layer, type, weight bits, activation bits, quantizer."""
+    """The plan as a fixed-width text table: layer, type, weight bits, activation bits, quantizer; an input
+    quantized where it is produced shows ``@ <producer>`` after its bits."""
     rows = [("layer", "type", "w_bits", "a_bits", "quantizer")]
     for p in plan:
         quantizer = "lsq" if p.weight.learned_scale else p.weight.observer
         if p.activation is not None and p.activation.learned_scale != p.weight.learned_scale:
             quantizer += " / " + ("lsq" if p.activation.learned_scale else p.activation.observer)
         a_bits = str(p.activation.bits) if p.activation else "float"
+        if p.input_from is not None:
+            a_bits += f" @ {p.input_from}"
         rows.append((p.name, p.layer_type, str(p.weight.bits), a_bits, quantizer))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -194,10 +205,16 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 
 
 def apply_plan(model: nn.Module, plan: Sequence[LayerPlan]) -> None:
-    """Fake-quantize, in place, every layer named in ``plan``."""
+    """Fake-quantize, in place, every layer named in ``plan`` (inputs shared at ``input_from`` where given)."""
     modules = dict(model.named_modules())
     for layer in plan:
         fake_quantize_layer(modules[layer.name], layer.weight, layer.activation)
+    share_input_quantizers(model, {p.name: p.input_from for p in plan if p.input_from is not None})
+
+
+def with_input_producers(plan: Sequence[LayerPlan], producers: Mapping[str, str]) -> list[LayerPlan]:
+    """``plan`` with ``input_from`` set from ``{layer: producer}`` (what ``share_input_quantizers`` returned)."""
+    return [dataclasses.replace(p, input_from=producers.get(p.name, p.input_from)) for p in plan]
 
 
 def fake_quantized_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizedLayer]]:
@@ -233,5 +250,6 @@ def freeze_batchnorm_stats(model: nn.Module) -> int:
 
 def restore_float(model: nn.Module) -> None:
     """Undo fake quantization everywhere in ``model`` (weights keep their current float values)."""
+    unshare_input_quantizers(model)
     for _, layer in list(fake_quantized_layers(model)):
         restore_float_layer(layer)

@@ -22,6 +22,10 @@ class FakeQuantizer(nn.Module):
     ``scale``/``zero_point``; otherwise the stored parameters are used as they are (frozen observers cost
     nothing). Before the first observation the quantizer passes tensors through unchanged.
 
+    ``producer`` names the module (relative to the model root) at whose output the quantizer is applied when the
+    input it rounds is shared with other consumers (see ``qat_lightning.nn.input_sharing``); ``None``: at the
+    input of its own layer.
+
     With ``config.learned_scale`` (LSQ), ``scale`` is an ``nn.Parameter`` set from the observer on the first
     training batch and then learned: its gradient is the LSQ gradient scaled by
     ``1 / sqrt(elements_per_scale * qmax)`` (Esser et al., 2020), the gradient of PyTorch's learnable
@@ -48,6 +52,7 @@ class FakeQuantizer(nn.Module):
         self.observer_enabled = True
         self.fake_quant_enabled = True
         self._calibrated = False
+        self.producer: str | None = None
         self._quant_range = quant_range(config.bits, config.symmetric)
 
     @property
@@ -114,6 +119,7 @@ class FakeQuantizer(nn.Module):
             "config": dataclasses.asdict(self.config),
             "observer_enabled": self.observer_enabled,
             "fake_quant_enabled": self.fake_quant_enabled,
+            "producer": self.producer,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -121,6 +127,11 @@ class FakeQuantizer(nn.Module):
             raise ValueError(
                 f"The checkpoint's quantizer config {state['config']} differs from this quantizer's "
                 f"{dataclasses.asdict(self.config)}; rebuild the model with `prepare_for_state_dict`."
+            )
+        if state.get("producer") != self.producer:
+            raise ValueError(
+                f"The checkpoint's quantizer is applied at the output of {state.get('producer')!r}, this one at "
+                f"{self.producer!r}; rebuild the model with `prepare_for_state_dict`."
             )
         self.observer_enabled = state["observer_enabled"]
         self.fake_quant_enabled = state["fake_quant_enabled"]

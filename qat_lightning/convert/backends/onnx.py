@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qat_lightning.convert.reference import ReferenceSource
@@ -51,6 +52,7 @@ def write(source: ReferenceSource, path: Path) -> None:
     proto = onnx.load(str(path))
     _drop_debug_metadata(proto)
     _keep_biases_float(proto)
+    _signed_codes_after_relu(proto)
     onnx.save(proto, str(path))
 
 
@@ -89,6 +91,62 @@ def _keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
         node.output[0] = f"{output}_without_bias"
         del node.input[2]
         nodes.append(helper.make_node("Add", [node.output[0], bias_name], [output]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    for unused in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(unused)
+
+
+def _signed_codes_after_relu(proto) -> None:  # type: ignore[no-untyped-def]
+    """``Relu -> Clip -> QuantizeLinear(uint8)`` on a grid ending at code 127 becomes ``Relu -> QuantizeLinear(int8)``.
+
+    The 7-bit input grid of an 8-bit layer (codes ``0..127``) needs a ``Clip`` in the uint8 container, and the
+    ``Clip`` keeps OpenVINO from fusing the rounding into the kernel before it. In the int8 container the grid's
+    top is the container's, and after a ``Relu`` the codes never go below the zero point, so the same codes come
+    out with no ``Clip``. A ``Clip(0, high)`` (the exporter's merged ``relu -> clamp``) becomes that ``Relu``.
+    """
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    produced_by = {out: n for n in proto.graph.node for out in n.output}
+    readers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dropped = set()
+    for clip in [n for n in proto.graph.node if n.op_type == "Clip"]:
+        source = produced_by.get(clip.input[0])
+        (quantize, *others) = readers.get(clip.output[0], [None])
+        if len(clip.input) != 3 or others or quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        if not set(clip.input[1:]) | set(quantize.input[1:]) <= set(initializers):
+            continue
+        scale, zero_point = (numpy_helper.to_array(initializers[n]) for n in quantize.input[1:3])
+        low, high = (float(numpy_helper.to_array(initializers[n])) for n in clip.input[1:3])
+        after_relu = source is not None and source.op_type == "Relu" and low <= 0
+        if not (after_relu or low == 0):  # the exporter merges ``relu -> clamp`` into ``Clip(0, high)``
+            continue
+        dequantizes = readers.get(quantize.output[0], [])
+        if zero_point.dtype != np.uint8 or zero_point.size != 1 or int(zero_point) > 127:
+            continue
+        if not np.isclose(high, (127 - int(zero_point)) * float(scale), rtol=1e-6, atol=0):
+            continue
+        if not all(d.op_type == "DequantizeLinear" and d.input[2] == quantize.input[2] for d in dequantizes):
+            continue
+        signed = f"{quantize.input[2]}_int8"
+        if signed not in initializers:
+            initializers[signed] = numpy_helper.from_array(zero_point.astype(np.int8), signed)
+            proto.graph.initializer.append(initializers[signed])
+        for node in (quantize, *dequantizes):
+            node.input[2] = signed
+        if after_relu:
+            quantize.input[0] = clip.input[0]
+            dropped.add(id(clip))
+        else:
+            clip.op_type = "Relu"
+            del clip.input[1:]
+    nodes = [n for n in proto.graph.node if id(n) not in dropped]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     used = {name for node in nodes for name in node.input}
