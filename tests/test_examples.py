@@ -12,6 +12,7 @@ from torch import nn
 
 from qat_lightning import FakeQuantizedLayer, SmallCNN, fake_quantized_layers
 from qat_lightning.nn import quantizers
+from qat_lightning.nn.input_sharing import RoundsOutput
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -64,7 +65,12 @@ def test_custom_model_example_quantizes_depthwise_convolutions_per_channel(tmp_p
     model.eval()
     features = model.backbone.stem(torch.randn(2, 1, 8, 8))
     block = model.backbone.blocks[0]
-    torch.testing.assert_close(block(features), features + block.block(features))  # the residual add is kept
+    # The residual add is kept; its output feeds the next block's conv and skip branch, so it is rounded once,
+    # where it is made, by that conv's input quantizer (input sharing).
+    assert (
+        isinstance(block, RoundsOutput) and block.output_quantizer is model.backbone.blocks[1].block[0].input_quantizer
+    )
+    torch.testing.assert_close(block(features), block.output_quantizer(features + block.block(features)))
 
 
 def test_ptq_vs_qat_calibrates_and_reports_each_bit_width(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ from torch import nn
 
 from qat_lightning import convert_model
 from qat_lightning.convert.backends import backend
-from qat_lightning.nn import apply_plan, plan_quantization
+from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
 
 # family -> (builder kwargs, input side); the smallest variant of each classification family, at the smallest
 # input it takes (Inception needs 75 pixels; MaxVit's windows need every stage's side divisible by the partition).
@@ -76,7 +76,8 @@ def _build(family: str, kwargs: dict) -> nn.Module:
 
 
 def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
-    """The family's model fake-quantized at ``bits`` (first/last layer at 8) after 3 QAT steps on random data.
+    """The family's model fake-quantized at ``bits`` (first/last layer at 8, shared inputs rounded where they are
+    produced) after 3 QAT steps on random data.
 
     BatchNorm averages the statistics of all batches it saw (``momentum=None``), as a trained model's have
     converged; with the default momentum, 3 steps leave them mostly at their initial values, far from the data.
@@ -88,6 +89,8 @@ def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = None
     apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=None))
+    # As QuantizationCallback does: inputs read by several ops are rounded once, where they are produced.
+    share_input_quantizers(model, find_input_producers(model, (torch.randn(2, 3, side, side),)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for _ in range(3):  # observers, LSQ scales and BatchNorm statistics move

@@ -50,19 +50,53 @@ def write(source: ReferenceSource, path: Path) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    _drop_debug_metadata(proto)
     _keep_biases_float(proto)
     _signed_codes_after_relu(proto)
+    _drop_zero_weight_zero_points(proto)
+    _drop_debug_metadata(proto)
     onnx.save(proto, str(path))
 
 
 def _drop_debug_metadata(proto) -> None:  # type: ignore[no-untyped-def]
-    """Remove what only helps debugging: the exporter's per-node strings (source locations, FX node text; half
-    the file otherwise), node names (optional in ONNX) and the inferred shapes of intermediate values."""
-    for node in proto.graph.node:
+    """Remove what only helps debugging: the exporter's per-node and per-graph strings (source locations, FX node
+    text; half the file otherwise), node names (optional in ONNX), the inferred shapes of intermediate values, and
+    the long names of intermediate values (``v<i>`` instead; inputs, outputs and weights keep theirs)."""
+    graph = proto.graph
+    for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = node.name = ""
-    del proto.graph.value_info[:]
+    del graph.value_info[:]
+    del graph.metadata_props[:]
+    del proto.metadata_props[:]
+    kept = {v.name for v in (*graph.input, *graph.output)} | {i.name for i in graph.initializer}
+    short = {}
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name and name not in kept:
+                short[name] = node.output[i] = f"v{len(short)}"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = short.get(name, name)
+
+
+def _drop_zero_weight_zero_points(proto) -> None:  # type: ignore[no-untyped-def]
+    """Drop the all-zero zero-point tensors of per-channel weight ``DequantizeLinear`` (0 is the default)."""
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in initializers:
+            continue
+        zero_point = initializers.get(node.input[2])
+        if zero_point is not None and zero_point.data_type == 3 and not numpy_helper.to_array(zero_point).any():
+            del node.input[2]  # int8 codes: no zero point means 0 and an int8 input type
+    _drop_unused_initializers(proto)
+
+
+def _drop_unused_initializers(proto) -> None:  # type: ignore[no-untyped-def]
+    used = {name for node in proto.graph.node for name in node.input}
+    for unused in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(unused)
 
 
 def _keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
@@ -93,9 +127,7 @@ def _keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
         nodes.append(helper.make_node("Add", [node.output[0], bias_name], [output]))
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    for unused in [i for i in proto.graph.initializer if i.name not in used]:
-        proto.graph.initializer.remove(unused)
+    _drop_unused_initializers(proto)
 
 
 def _signed_codes_after_relu(proto) -> None:  # type: ignore[no-untyped-def]
@@ -149,9 +181,7 @@ def _signed_codes_after_relu(proto) -> None:  # type: ignore[no-untyped-def]
     nodes = [n for n in proto.graph.node if id(n) not in dropped]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    for unused in [i for i in proto.graph.initializer if i.name not in used]:
-        proto.graph.initializer.remove(unused)
+    _drop_unused_initializers(proto)
 
 
 def load(path: Path) -> Callable[..., torch.Tensor]:
