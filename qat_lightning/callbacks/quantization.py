@@ -41,6 +41,38 @@ BN_FREEZE_DELAY_EPOCHS = 3
 OBSERVER_FREEZE_DELAY_EPOCHS = 4
 
 
+# Lightning precisions a fake-quant model trains under: the parameters, scales and observers stay float32 (autocast
+# runs convolutions and matmuls in 16 bits; the quantizers compute in float32 and return their input's dtype).
+SUPPORTED_PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def check_precision(precision: str) -> None:
+    """Raise a ``ValueError`` naming the fix unless ``precision`` (``Trainer.precision``) is supported.
+
+    ``"16-true"``/``"bf16-true"`` store the weights and the learned scales in 16 bits (float16 without a grad
+    scaler diverges, small scale updates round away) and ``"64-true"`` trains in float64: the int8 conversion at
+    fit end needs a float32 model, so each of them fails there. Other plugins (Transformer Engine, bitsandbytes)
+    replace or quantize the layers themselves.
+    """
+    if precision in SUPPORTED_PRECISIONS:
+        return
+    if precision in ("16-true", "bf16-true"):
+        fix = precision.replace("-true", "-mixed")  # bf16-true -> bf16-mixed, 16-true -> 16-mixed
+        why = (
+            "it keeps the weights and the learned quantization scales in 16 bits, which loses small scale updates "
+            "(and float16 without a grad scaler diverges), and the int8 conversion needs float32 weights"
+        )
+    elif precision == "64-true":
+        fix, why = "32-true", "the int8 conversion and its checks read a float32 model"
+    else:
+        fix, why = "bf16-mixed", "this precision plugin changes the layers or their weights itself"
+    hint = " (autocast: the same 16-bit convolutions and matmuls, float32 weights and scales)" * fix.endswith("-mixed")
+    raise ValueError(
+        f"QuantizationCallback does not support `Trainer(precision={precision!r})`: {why}. Use "
+        f"`precision={fix!r}`{hint}; the supported precisions are {', '.join(SUPPORTED_PRECISIONS)}."
+    )
+
+
 def _check_count(value: object, name: str, optional: bool = True) -> None:
     if value is None and optional:
         return
@@ -114,6 +146,11 @@ class QuantizationCallback(Callback):
 
     A model that arrives already fake-quantized (``fit`` again after a fit) keeps its quantizers and trains on in
     QAT from the first batch (no warmup, no second insertion).
+
+    Precision: ``Trainer(precision=...)`` ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"``. Under autocast the
+    quantizers (observers, scales, zero points, rounding) compute in float32 and learned scales stay float32
+    Parameters, so the 16-bit grad scaler unscales their gradients; any other precision is refused at setup with
+    the one to use instead (see ``check_precision``).
 
     Set a freeze epoch beyond ``max_epochs`` to never freeze. Schedules may be given in optimizer steps
     instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
@@ -271,6 +308,7 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_precision(str(trainer.precision))
         if is_prepared(pl_module):  # validate/test after fit, or fit again: the plan was already applied
             if self.mode == "qat" and not self.quantized:  # a new callback: QAT goes on with the model's quantizers
                 self.quantized = True

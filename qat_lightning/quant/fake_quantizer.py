@@ -66,6 +66,21 @@ class FakeQuantizer(nn.Module):
         return self._calibrated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (any shape, any floating dtype); returns a tensor of its shape and dtype.
+
+        The observer, the scale, the zero point and the rounding are float32 whatever the dtype of ``x``:
+        under autocast (``bf16-mixed``, ``16-mixed``) autocast is switched off here, a 16-bit ``x`` is
+        observed and rounded as the float32 values it holds, and the grid values are returned in the dtype of
+        ``x`` (the nearest 16-bit values; the layer that follows computes in 16 bits anyway). Codes of up to
+        8 bits survive that rounding: ``round(out / scale) + zero_point`` gives them back.
+        """
+        device_type = x.device.type
+        if torch.amp.autocast_mode.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._fake_quantize(x)
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observer_enabled and not (self.config.learned_scale and self._calibrated):
             with torch.no_grad():
                 self.observer(x)

@@ -2,7 +2,10 @@
 
 Observers only record statistics; they never change the tensor. Their state lives in buffers (``min_val``,
 ``max_val``: shape ``()`` per tensor or ``(C,)`` per channel) so it is saved in checkpoints. Updates run on
-the tensor's device with no host synchronisation. A batch whose range is not finite (NaN/Inf) is skipped and
+the tensor's device with no host synchronisation. Any floating input dtype is accepted (bfloat16/float16
+activations under autocast): the batch's range is taken in the input dtype and held in float32 (exact, as
+every 16-bit value is a float32 value), so the statistics and the scales computed from them stay float32
+whatever the training precision. A batch whose range is not finite (NaN/Inf) is skipped and
 counted in ``skipped``. Under ``torch.distributed`` each batch's range is all-reduced first, so every process
 holds the same statistics.
 """
@@ -64,8 +67,9 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Record the range of ``x`` and return ``x`` unchanged."""
-        cur_min, cur_max = _global_range(*_aminmax(x, self._axis))
+        """Record the range of ``x`` (any floating dtype) in float32 and return ``x`` unchanged."""
+        cur_min, cur_max = _aminmax(x, self._axis)
+        cur_min, cur_max = _global_range(cur_min.float(), cur_max.float())
         finite = (cur_max - cur_min).abs_() < math.inf  # False when either bound is NaN or infinite
         if finite.dim():
             finite = finite.all()
