@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qat_lightning import SmallCNN, convert_model
+from qat_lightning.convert.backends import pt2 as pt2_backend
 from qat_lightning.nn import apply_plan, plan_quantization
 
 FILES = ["conversion_report.json", "model_int8.onnx", "model_int8.pt2", "model_w4.packed.pt"]
@@ -69,8 +70,10 @@ def _write_part_then_fail(obj, path, *args, **kwargs):
 def test_a_disk_error_while_writing_keeps_the_previous_files(tmp_path, conversions, monkeypatch, failing):
     """The .pt2 file is written first, the packed weights near the end: either failure leaves every old file."""
     shutil.copytree(conversions.old_dir, tmp_path / "out")
-    # .pt2 files are written by torch.export.save, the packed weights by torch.save
-    monkeypatch.setattr(*(torch.export, "save") if failing == "pt2" else (torch, "save"), _write_part_then_fail)
+    # .pt2 files are written by the pt2 backend's deflating copy of torch.export.save's archive, packed weights by
+    # torch.save
+    target = (pt2_backend, "_deflate") if failing == "pt2" else (torch, "save")
+    monkeypatch.setattr(*target, _write_part_then_fail)
     with pytest.raises(OSError, match="No space left"):
         convert_model(calibrated_model(1), EXAMPLE, tmp_path / "out")
     assert _files(tmp_path / "out") == conversions.old  # same names (no temporary file left), same bytes

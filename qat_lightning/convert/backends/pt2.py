@@ -48,8 +48,10 @@ def _deflate(archive: io.BytesIO, path: Path) -> None:
     """
     archive.seek(0)
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
-        for entry in source.infolist():
-            target.writestr(entry.filename, source.read(entry.filename))
+        for entry in source.infolist():  # same names and timestamps: the same program gives the same bytes
+            deflated = zipfile.ZipInfo(entry.filename, date_time=entry.date_time)
+            deflated.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(deflated, source.read(entry.filename))
 
 
 def load(path: Path) -> Callable[..., torch.Tensor]:
