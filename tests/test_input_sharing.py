@@ -135,6 +135,16 @@ def test_layers_reading_one_producer_share_one_quantizer_and_one_state_dict_entr
     assert "layer1" not in {n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith("_quantizer")}
 
 
+def test_a_slice_of_a_rounding_sequential_runs_unrounded():
+    x = torch.randn(2, 3, 4, 4)
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), nn.Conv2d(4, 2, 1))
+    apply_plan(net, plan_quantization(net, 8))
+    assert share_input_quantizers(net, find_input_producers(net, (x,))) == {"1": "0"}
+    stem = net.eval()[0]
+    assert isinstance(stem, RoundsOutput)
+    torch.testing.assert_close(stem[:2](x), F.relu(stem[0](x)))  # a slice is built by the class: plain, unrounded
+
+
 def test_different_input_configs_are_not_shared():
     model = torchvision.models.resnet18(num_classes=10)
     apply_plan(model, plan_quantization(model, 4, layer_bits={"layer2.0.downsample.0": 8}))

@@ -77,14 +77,14 @@ class _IntegerWeightLayer(nn.Module):
 
     weight_codes: torch.Tensor
     weight_scale: torch.Tensor  # (C,); (C, 1, ...) in plain ATen, broadcast along the codes
+    weight_zero_point: torch.Tensor  # zeros (C,), a buffer as the lowerings expect; not in plain ATen
     input_grid: nn.Module
     plain_aten: bool
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.plain_aten:
             return self.weight_codes.to(torch.float32) * self.weight_scale
-        zero_points = torch.zeros(self.weight_scale.shape, dtype=torch.int64, device=self.weight_scale.device)
-        args = (self.weight_codes, self.weight_scale, zero_points, 0, -128, 127, torch.int8)
+        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
         return qdq_ops().dequantize_per_channel.default(*args)
 
 
@@ -120,6 +120,8 @@ def reference_module(
         target.register_buffer("weight_codes", layer.codes.to(torch.int8).clone())
         scale = layer.scale.reshape((-1,) + (1,) * (layer.codes.dim() - 1)) if plain_aten else layer.scale
         target.register_buffer("weight_scale", scale.clone())
+        if not plain_aten:
+            target.register_buffer("weight_zero_point", torch.zeros(layer.scale.shape, dtype=torch.int64))
         target.plain_aten = plain_aten
         grid = QuantizeDequantize(layer.input, activation_dtype, plain_aten)
         target.input_grid = grid if layer.input_at is None else nn.Identity()

@@ -49,7 +49,9 @@ class RoundsOutput(nn.Module):
     output_quantizer: nn.Module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output_quantizer(super().forward(*args, **kwargs))
+        output = super().forward(*args, **kwargs)
+        rounding = self.__dict__.get("output_quantizer")  # absent in copies made by the class (a Sequential slice)
+        return output if rounding is None else rounding(output)
 
     def round_output_with(self, rounding: nn.Module) -> None:
         """Apply ``rounding`` to the output from now on (held by reference, see the class docstring)."""
