@@ -32,10 +32,12 @@ from qat_lightning.models import (
 )
 from qat_lightning.nn import (
     FakeQuantizedLayer,
+    FloatLayer,
     LayerPlan,
     apply_plan,
     apply_weight_norm,
     fake_quantized_layers,
+    float_layers,
     float_snapshot,
     fold_weight_norm_state_dict,
     is_prepared,
@@ -60,6 +62,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "FakeQuantizer",
     "FashionMNISTDataModule",
+    "FloatLayer",
     "ImageClassifier",
     "ImageFolderDataModule",
     "LayerPlan",
@@ -78,6 +81,7 @@ __all__ = [
     "convert_model",
     "integer_model",
     "fake_quantized_layers",
+    "float_layers",
     "format_sensitivity",
     "is_prepared",
     "layer_sensitivity",
