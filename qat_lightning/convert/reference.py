@@ -2,10 +2,10 @@
 
 Each integer layer of the read-out becomes ``conv/linear(dequantize(quantize(x)), dequantize(codes))`` with the
 standard PT2E quantize/dequantize ops (``quantized_decomposed``, what torchao's ``convert_pt2e`` writes and what
-ONNX, ExecuTorch/XNNPACK and inductor lower to integer kernels). The weight is stored once, as int8 codes with
-per-channel scales. A ``b < 8``-bit input grid is an 8-bit quantize after a float ``clamp`` to the grid's range
-(quantizing is monotone, so this is exactly the ``b``-bit rounding), which every runtime understands. Everything
-else stays float, as in QAT.
+ONNX, ExecuTorch/XNNPACK and inductor lower to integer kernels); a ConvTranspose likewise, ``conv_transpose``. The
+weight is stored once, as int8 codes with per-channel scales (along axis 1 of a ConvTranspose weight). A ``b < 8``-bit
+input grid is an 8-bit quantize after a float ``clamp`` to the grid's range (quantizing is monotone, so this is
+exactly the ``b``-bit rounding), which every runtime understands. Everything else stays float, as in QAT.
 
 The ``plain_aten`` flavour writes the quantize/dequantize steps as ordinary ATen arithmetic (same numbers), so
 that the saved ``.pt2`` file loads with ``torch.export.load`` in a process that has torch alone.
@@ -21,6 +21,7 @@ from torch import nn
 
 from qat_lightning.convert.export import export_program
 from qat_lightning.convert.readout import InputGrid, IntegerModel
+from qat_lightning.nn.fake_quantized import conv_transpose
 
 _CONTAINER_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
@@ -94,9 +95,10 @@ class _IntegerWeightLayer(nn.Module):
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
     input_grid: QuantizeDequantize
+    weight_axis = 0  # the axis of the output channels, along which the scales run
 
     def dequantized_weight(self) -> torch.Tensor:
-        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
+        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis, -128, 127, torch.int8)
         if self.input_grid.plain_aten:
             return _dequantize_per_channel_aten(*args)
         return qdq_ops().dequantize_per_channel.default(*args)
@@ -112,8 +114,19 @@ class _IntegerLinear(_IntegerWeightLayer):
         return F.linear(self.input_grid(input), self.dequantized_weight(), self.bias)  # type: ignore[attr-defined]
 
 
+class _IntegerConvTranspose(_IntegerWeightLayer):
+    weight_axis = 1
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return conv_transpose(self, self.input_grid(input), self.dequantized_weight(), output_size)  # type: ignore[arg-type]
+
+
 def _integer_class(float_class: type[nn.Module]) -> type[nn.Module]:
-    mixin = _IntegerLinear if issubclass(float_class, nn.Linear) else _IntegerConv
+    mixin: type[_IntegerWeightLayer] = _IntegerConv
+    if issubclass(float_class, nn.Linear):
+        mixin = _IntegerLinear
+    elif issubclass(float_class, nn.modules.conv._ConvTransposeNd):
+        mixin = _IntegerConvTranspose
     return type(f"Integer{float_class.__name__}", (mixin, float_class), {"__module__": __name__})
 
 

@@ -156,8 +156,7 @@ def _finest_codes(module: nn.Module, layers: list[str]) -> nn.Module:
 def _with_float_weights(module: nn.Module, layers: list[str]) -> nn.Module:
     for name in layers:
         target = module.get_submodule(name)
-        codes, scale = target.weight_codes, target.weight_scale
-        weight = codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
+        weight = target.dequantized_weight()  # codes * scale along the layer's channel axis
         del target.weight_codes
         target.register_buffer("float_weight", weight)
         cls = type(target)
