@@ -150,6 +150,28 @@ def reference_module(
     return module.eval()
 
 
+class _FloatWeight(nn.Module):
+    """Mixin for a reference layer that runs as a float kernel: its weight is the constant ``codes * scale``."""
+
+    float_weight: torch.Tensor
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.float_weight
+
+
+def with_float_weights(module: nn.Module, layers: list[str]) -> nn.Module:
+    """Give each of ``layers`` of a ``reference_module`` its weight as a float constant (the same numbers), in
+    place, for runtimes that cannot run them on int8 weights; their inputs stay on their grids."""
+    for name in layers:
+        target = module.get_submodule(name)
+        weight = target.dequantized_weight()  # codes * scale along the layer's channel axis
+        del target.weight_codes
+        target.register_buffer("float_weight", weight)
+        cls = type(target)
+        target.__class__ = type(f"Float{cls.__name__}", (_FloatWeight, cls), {"__module__": __name__})
+    return module
+
+
 def reference_program(
     integer: IntegerModel,
     example_inputs: tuple[torch.Tensor, ...],

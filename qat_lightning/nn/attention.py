@@ -41,9 +41,8 @@ def in_projection(
             ``(embed_dim, embed_dim | kdim | vdim)`` weights.
         bias: ``in_proj_bias`` ``(3 * embed_dim,)`` or ``None``.
     """
-    if len(weights) == 1 and key is query and value is query:  # self-attention: one matrix product
-        q, k, v = F.linear(query, weights[0], bias).chunk(3, dim=-1)
-        return q, k, v
+    # Three products even for self-attention: slicing one product's output along its last dimension makes
+    # ExecuTorch's XNNPACK delegate fail at run time when the batch dimension is dynamic (executorch 1.5).
     w_q, w_k, w_v = weights[0].chunk(3) if len(weights) == 1 else weights
     b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
