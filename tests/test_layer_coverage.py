@@ -439,6 +439,27 @@ def test_attention_state_dict_rebuilds_the_structure_and_restore_float_undoes_it
     assert set(model.state_dict()) == float_keys and all(p is params[n] for n, p in model.named_parameters())
 
 
+def test_transformer_encoder_runs_its_fake_quantized_layers_in_eval_mode_without_autograd():
+    """torch's fused encoder kernel reads the float weights; a prepared encoder must not take it."""
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+    float_encoder = copy.deepcopy(encoder).eval()
+    apply_plan(encoder, plan_quantization(encoder, 4))
+    x, padding = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
+    padding[:, -1] = True  # a padding mask is what sends the float encoder down its nested-tensor path
+    encoder.train()(x, src_key_padding_mask=padding)
+    encoder.eval()
+    with_autograd = encoder(x, src_key_padding_mask=padding)  # grad enabled: torch's own path never fuses
+    with torch.no_grad():
+        without = encoder(x, src_key_padding_mask=padding)
+        float_out = float_encoder(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(without, with_autograd.detach(), rtol=0, atol=0)
+    assert (without - float_out).abs().max() > 1e-2  # on the 4-bit grids, not the float weights
+
+    restore_float(encoder)
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in encoder.layers)
+    assert type(encoder.layers[0].self_attn) is nn.MultiheadAttention
+
+
 def test_float_model_snapshot_calibrates_the_attention_weights():
     model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
     x = torch.randn(2, 5, 8)

@@ -298,11 +298,35 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     ]
 
 
+def _unfused(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence keeps a TransformerEncoderLayer off its fused kernel."""
+
+
+def _keep_transformers_unfused(model: nn.Module) -> None:
+    """Make torch's transformer encoders run their fake-quantized layers in eval mode too.
+
+    In eval mode without autograd, ``nn.TransformerEncoderLayer`` runs one fused kernel on the float weights of
+    its attention and Linear layers, bypassing their forward passes; it does not when a forward hook is attached
+    (torch's own condition), so each layer holding a fake-quantized module gets the no-op ``_unfused``.
+    ``nn.TransformerEncoder`` would hand such layers nested tensors, which only the fused kernel takes: its
+    ``use_nested_tensor`` is turned off (the numbers do not change).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        if not isinstance(module, nn.TransformerEncoderLayer) or _unfused in module._forward_pre_hooks.values():
+            continue
+        if any(isinstance(m, FakeQuantizedModule) for m in module.modules()):
+            module.register_forward_pre_hook(_unfused)
+
+
 def apply_plan(model: nn.Module, plan: Sequence[LayerPlan]) -> None:
-    """Fake-quantize, in place, every layer named in ``plan``."""
+    """Fake-quantize, in place, every layer named in ``plan`` (see ``_keep_transformers_unfused`` for
+    ``nn.TransformerEncoderLayer``)."""
     modules = dict(model.named_modules())
     for layer in plan:
         fake_quantize_layer(modules[layer.name], layer.weight, layer.activation)
+    _keep_transformers_unfused(model)
 
 
 def fake_quantized_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizedLayer]]:
@@ -341,3 +365,6 @@ def restore_float(model: nn.Module) -> None:
     for module in list(model.modules()):
         if isinstance(module, FakeQuantizedModule):  # an attention module restores its out_proj first
             restore_float_layer(module)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _unfused:
+                del module._forward_pre_hooks[key]
