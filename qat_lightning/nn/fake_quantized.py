@@ -127,7 +127,14 @@ def conv_transpose(
     weight: torch.Tensor,
     output_size: list[int] | None = None,
 ) -> torch.Tensor:
-    """What ``layer(input, output_size)`` computes, with ``weight`` (same shape) in place of ``layer.weight``."""
+    """What ``layer(input, output_size)`` computes, with ``weight`` in place of ``layer.weight``.
+
+    Args:
+        layer: a ConvTranspose1d/2d/3d (its bias, stride, padding, dilation and groups are used).
+        input: ``(N, in_channels, *spatial)`` or unbatched ``(in_channels, *spatial)``.
+        weight: ``(in_channels, out_channels / groups, *kernel)``, the shape of ``layer.weight``.
+        output_size: the spatial output size to pick among those the stride allows (``None``: the smallest).
+    """
     spatial = len(layer.kernel_size)
     output_padding = layer._output_padding(
         input, output_size, layer.stride, layer.padding, layer.kernel_size, spatial, layer.dilation
@@ -211,6 +218,8 @@ class FakeQuantizedMultiheadAttention(FakeQuantizedModule, nn.MultiheadAttention
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``nn.MultiheadAttention.forward`` on the grids: same arguments and results (``is_causal`` is a hint
+        for torch's kernels, which requires the causal ``attn_mask``; that mask is what is computed with)."""
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "

@@ -44,11 +44,7 @@ class FloatLayer:
     reason: str
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _excluding_pattern(name: str, patterns: Sequence[str]) -> str | None:
+def _matching_pattern(name: str, patterns: Sequence[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
@@ -118,7 +114,7 @@ def plan_quantization(
     inputs per-tensor asymmetric ones.
     """
     check_bits(bits)
-    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and not _matches(n, exclude)]
+    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and _matching_pattern(n, exclude) is None]
     resolved = _resolve_bits([n for n, _ in layers], bits, first_last_bits, dict(layer_bits or {}))
     overridden = {n for n, b in resolved.items() if b != bits}
 
@@ -280,7 +276,7 @@ def float_layers(model: nn.Module, plan: Sequence[LayerPlan], exclude: Sequence[
     layers = []
     for name, module in _weight_layers(model):
         if is_quantizable(module) and name not in planned:
-            pattern = _excluding_pattern(name, exclude)
+            pattern = _matching_pattern(name, exclude)
             reason = f"excluded by pattern {pattern!r}" if pattern is not None else "not in the plan"
         else:
             reason = _unsupported_reason(module)
@@ -321,8 +317,11 @@ def _keep_transformers_unfused(model: nn.Module) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Sequence[LayerPlan]) -> None:
-    """Fake-quantize, in place, every layer named in ``plan`` (see ``_keep_transformers_unfused`` for
-    ``nn.TransformerEncoderLayer``)."""
+    """Fake-quantize, in place, every layer named in ``plan``.
+
+    ``nn.TransformerEncoderLayer``s that hold a fake-quantized module are kept off torch's fused eval kernel, which
+    would compute with the float weights (``_keep_transformers_unfused``).
+    """
     modules = dict(model.named_modules())
     for layer in plan:
         fake_quantize_layer(modules[layer.name], layer.weight, layer.activation)
@@ -361,7 +360,8 @@ def freeze_batchnorm_stats(model: nn.Module) -> int:
 
 
 def restore_float(model: nn.Module) -> None:
-    """Undo fake quantization everywhere in ``model`` (weights keep their current float values)."""
+    """Undo fake quantization everywhere in ``model`` (weights keep their current float values; a
+    ``TransformerEncoder`` keeps ``use_nested_tensor`` off)."""
     for module in list(model.modules()):
         if isinstance(module, FakeQuantizedModule):  # an attention module restores its out_proj first
             restore_float_layer(module)
