@@ -51,11 +51,12 @@ def _inputs(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MixedNet(nn.Module):
-    """Quantizable layers next to layers that must stay float."""
+    """Quantizable layers (attention and a transposed convolution among them) next to layers that stay float."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(10, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.conv = nn.Conv2d(1, 2, 3, padding=1)
         self.deconv = nn.ConvTranspose2d(2, 1, 3, padding=1)
@@ -63,17 +64,13 @@ class MixedNet(nn.Module):
         self.fc = nn.Linear(8 + 16, 3)
 
     def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.embed(tokens))
+        h, _ = self.rnn(self.norm(self.embed(tokens)))
         h, _ = self.attn(h, h, h)
         img = self.deconv(self.conv(image))
         return self.fc(torch.cat([h.mean(1), img.flatten(1)], dim=1))
 
 
-MIXED_FLOAT_LAYERS = [
-    "embed (Embedding)",
-    "attn.out_proj (NonDynamicallyQuantizableLinear)",
-    "deconv (ConvTranspose2d)",
-]
+MIXED_FLOAT_LAYERS = ["embed (Embedding)", "rnn (GRU)"]
 
 
 def test_plan_lists_quantizable_layers_with_their_configs():
@@ -177,14 +174,15 @@ def test_exclude_globs():
 def test_unsupported_layers_stay_float():
     model = MixedNet()
     plan = plan_quantization(model, bits=4)
-    assert [p.name for p in plan] == ["conv", "fc"]
+    assert [p.name for p in plan] == ["attn", "conv", "deconv", "fc"]
     assert unsupported_layers(model) == MIXED_FLOAT_LAYERS
     apply_plan(model, plan)
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert type(model.embed) is nn.Embedding and type(model.deconv) is nn.ConvTranspose2d
-    assert not is_quantizable(model.attn.out_proj) and not is_quantizable(model.conv)  # already converted
-    with pytest.raises(TypeError, match="ConvTranspose2d cannot be fake-quantized"):
-        fake_quantize_layer(model.deconv, weight_config(4), None)
+    assert unsupported_layers(model) == MIXED_FLOAT_LAYERS
+    assert type(model.embed) is nn.Embedding and type(model.rnn) is nn.GRU
+    assert isinstance(model.attn.out_proj, FakeQuantizedLayer)  # quantized with its attention module
+    assert not is_quantizable(model.attn.out_proj) and not is_quantizable(model.deconv)  # already converted
+    with pytest.raises(TypeError, match="Embedding cannot be fake-quantized"):
+        fake_quantize_layer(model.embed, weight_config(4), None)
     out = model(torch.randint(0, 10, (2, 5)), torch.randn(2, 1, 4, 4))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
 

@@ -17,9 +17,11 @@ from qat_lightning.callbacks.optimizers import give_parameters_own_group
 from qat_lightning.convert.backends import DEFAULT_FORMATS, check_formats
 from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
+    FloatLayer,
     LayerPlan,
     apply_plan,
     find_input_producers,
+    float_layers,
     format_plan,
     freeze_batchnorm_stats,
     is_prepared,
@@ -275,6 +277,7 @@ class QuantizationCallback(Callback):
         self._call_recorder: torch.utils.hooks.RemovableHandle | None = None
         self._last_call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self.plan: list[LayerPlan] = []
+        self.float_layers: list[FloatLayer] = []  # the layers with weights that ``plan`` leaves float, and why
         self.quantized = False
         self.bn_frozen = False
         self.observers_frozen = False
@@ -323,7 +326,8 @@ class QuantizationCallback(Callback):
                 "least one nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear"
                 + (f" not matched by `exclude`={list(exclude)}." if exclude else ".")
             )
-        rank_zero_info(f"QuantizationCallback plan ({self.mode}):\n{format_plan(self.plan)}")
+        self.float_layers = float_layers(pl_module, self.plan, self._plan_options["exclude"])
+        rank_zero_info(f"QuantizationCallback plan ({self.mode}):\n{format_plan(self.plan, self.float_layers)}")
         # Checkpoints saved during QAT hold quantizer state: rebuild that structure before they load.
         pl_module.register_load_state_dict_pre_hook(self._prepare_for_state_dict)
         if self.share_inputs and self._call_recorder is None:  # the inputs to trace input sharing on

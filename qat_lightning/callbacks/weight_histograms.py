@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ from torch import nn
 
 from qat_lightning.callbacks._tensorboard import TensorBoardWriter, epoch_end_step
 from qat_lightning.callbacks.quantization import QuantizationCallback
-from qat_lightning.nn import FakeQuantizedLayer, is_quantizable
+from qat_lightning.nn import FakeQuantizedLayer, is_quantizable, weight_channel_axis
 from qat_lightning.quant import FakeQuantizer, check_bits, weight_config
 from qat_lightning.quant.error import max_abs_error, sqnr_db
 
@@ -39,7 +40,9 @@ def quantize_layer_weight(layer: nn.Module, bits: int) -> WeightQuantization:
     if isinstance(layer, FakeQuantizedLayer) and layer.weight_quantizer.calibrated:
         quantizer = layer.weight_quantizer
     else:
-        quantizer = FakeQuantizer(weight_config(bits), weight.shape[0]).to(weight.device)
+        axis = weight_channel_axis(layer)
+        config = dataclasses.replace(weight_config(bits), channel_axis=axis)
+        quantizer = FakeQuantizer(config, weight.shape[axis]).to(weight.device)
         quantizer(weight)  # a new quantizer is in training mode: this records the weight's range
     was_training = quantizer.training
     quantizer.eval()  # apply the recorded scale without observing again
@@ -49,7 +52,8 @@ def quantize_layer_weight(layer: nn.Module, bits: int) -> WeightQuantization:
 
 
 class WeightHistograms(Callback):
-    r"""Shows, every ``every_n_epochs`` training epochs, how each Conv/Linear layer's weights sit on their grid.
+    r"""Shows, every ``every_n_epochs`` training epochs, how each Conv/ConvTranspose/Linear layer's weights sit on
+    their grid (a fake-quantized attention module's ``out_proj`` included; its in-projection is not shown).
 
     TensorBoard histograms (tags per layer ``<name>``, as in ``model.named_modules()``):
 
@@ -63,9 +67,9 @@ class WeightHistograms(Callback):
     - ``quant_error/<name>/max_abs``: the largest absolute weight error, in weight units.
 
     Fake-quantized layers use their own weight quantizer; float layers (before or without QAT) are quantized
-    per-channel symmetric at ``bits``. Histograms need a ``TensorBoardLogger``; with other loggers the callback
-    warns once and logs only the scalars. Everything is logged at the step of the epoch's last batch, like
-    Lightning's own epoch metrics.
+    per-channel symmetric at ``bits`` (over output channels). Histograms need a ``TensorBoardLogger``; with other
+    loggers the callback warns once and logs only the scalars. Everything is logged at the step of the epoch's last
+    batch, like Lightning's own epoch metrics.
 
     Args:
         bits: grid of float layers; ``None`` takes the trainer's ``QuantizationCallback`` bits, else 8.
@@ -93,7 +97,8 @@ class WeightHistograms(Callback):
         writer = self._writer(trainer)
         step = epoch_end_step(trainer)
         for name, layer in pl_module.named_modules():
-            if not (isinstance(layer, FakeQuantizedLayer) or is_quantizable(layer)):
+            single_weight = is_quantizable(layer) and not isinstance(layer, nn.MultiheadAttention)
+            if not (isinstance(layer, FakeQuantizedLayer) or single_weight):
                 continue
             weight = layer.weight.detach()
             grid = quantize_layer_weight(layer, self._float_bits)

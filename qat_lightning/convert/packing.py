@@ -23,11 +23,13 @@ from torch import nn
 
 from qat_lightning.convert.readout import IntegerLayer, read_layer
 from qat_lightning.nn import fake_quantized_layers
+from qat_lightning.nn.fake_quantized import QUANTIZER_NAMES
 from qat_lightning.quant import quant_range
+from qat_lightning.quant.primitives import broadcast_along
 
 FORMAT = "qat-lightning/packed-weights/v1"
 PACKABLE_BITS = (2, 4, 8)
-_QUANTIZER_KEYS = (".weight_quantizer.", ".input_quantizer.")
+_QUANTIZER_KEYS = tuple(f".{name}." for name in QUANTIZER_NAMES)
 
 
 def container_bits(bits: int) -> int:
@@ -86,6 +88,7 @@ def _packed_layers(layers: Mapping[str, IntegerLayer]) -> dict[str, dict]:
             "codes": pack_codes(layer.codes, layer.bits),
             "scale": layer.scale.float().cpu(),
             "input": (layer.input.bits, layer.input.scale, layer.input.zero_point) if layer.input else None,
+            "axis": layer.axis,
         }
         for name, layer in layers.items()
         if layer.bits <= 8
@@ -112,7 +115,8 @@ def write_packed_weights(
     grid ``(bits, scale, zero_point)`` in the index are all the quantized model needs.
 
     Layout: ``layers`` lists ``(name, bits, shape, input_grid)``; their packed codes follow each other in
-    ``banks["codes"]`` and their scales in ``banks["scales"]``. ``tensors`` lists ``(name, shape)`` per dtype;
+    ``banks["codes"]`` and their scales in ``banks["scales"]``; ``axes`` gives ``{name: axis}`` of the layers whose
+    scales run along another weight axis than 0 (ConvTranspose: 1). ``tensors`` lists ``(name, shape)`` per dtype;
     their values follow each other in ``banks[dtype]``.
     """
     layers = _packed_layers(layers)
@@ -133,6 +137,7 @@ def write_packed_weights(
     payload = {
         "format": FORMAT,
         "layers": [(name, v["bits"], v["shape"], v["input"]) for name, v in layers.items()],
+        "axes": {name: v["axis"] for name, v in layers.items() if v["axis"] != 0},
         "tensors": dict(tensors),
         "banks": {k: torch.cat(v) for k, v in banks.items()},
     }
@@ -161,10 +166,12 @@ def load_packed_weights(path: str | Path) -> dict[str, torch.Tensor]:
         for name, shape in entries:
             state[name], banks[dtype] = _head(banks[dtype], torch.Size(shape).numel())
             state[name] = state[name].reshape(shape)
+    axes = payload.get("axes", {})  # absent from files of earlier versions
     for name, bits, shape, _ in payload["layers"]:  # codes and scales follow each other in layer order
         numel = torch.Size(shape).numel()
+        axis = axes.get(name, 0)
         codes, banks["codes"] = _head(banks["codes"], packed_size(numel, bits))
-        scale, banks["scales"] = _head(banks["scales"], shape[0])
+        scale, banks["scales"] = _head(banks["scales"], shape[axis])
         weight_codes = unpack_codes(codes, bits, numel).reshape(shape)
-        state[name] = weight_codes.float() * scale.reshape((-1,) + (1,) * (len(shape) - 1))
+        state[name] = weight_codes.float() * broadcast_along(scale, weight_codes, axis)
     return state

@@ -11,7 +11,8 @@ model computed.
 
 Layers that no integer kernel can run (weights or inputs wider than 8 bits, float inputs, a scheme other than
 symmetric weights and per-tensor inputs) stay float in the artifacts: their weights keep their grid values and
-their inputs their trained fake quantization (``FrozenInputGrid``), so they also compute what was trained.
+their inputs their trained fake quantization (``FrozenInputGrid``), so they also compute what was trained. So does
+the in-projection of a fake-quantized ``MultiheadAttention`` (``ATTENTION_REASON``); its ``out_proj`` is a Linear.
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from torch import nn
 
 from qat_lightning.convert.bn_folding import find_batchnorm_pairs, fold_batchnorms
 from qat_lightning.convert.export import export_program
-from qat_lightning.nn import FakeQuantizedLayer, fake_quantized_layers, restore_float_layer
+from qat_lightning.nn import (
+    FakeQuantizedLayer,
+    FakeQuantizedModule,
+    FakeQuantizedMultiheadAttention,
+    fake_quantized_layers,
+    restore_float_layer,
+    weight_channel_axis,
+)
 from qat_lightning.nn.input_sharing import rounded_producers
 from qat_lightning.quant import FakeQuantizer, quant_range
-from qat_lightning.quant.primitives import EPS
+from qat_lightning.quant.primitives import EPS, broadcast_along
 
 INTEGER_MAX_BITS = 8
+ATTENTION_REASON = "attention: its in-projection runs in float on the trained grids (its out_proj is its own layer)"
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,11 @@ class IntegerLayer:
     Attributes:
         name: qualified module name.
         codes: integer weight codes, int8 (int32 above 8 bits), shape of the weight.
-        scale: per-output-channel weight scale, float32, shape ``(C,)`` (a per-tensor scale is repeated).
+        scale: per-output-channel weight scale, float32, shape ``(C,)`` along ``axis`` (a per-tensor scale is
+            repeated).
         bits: weight bit width (codes lie in ``-2**(bits-1) .. 2**(bits-1) - 1``).
         input: the trained grid of the layer input (``None``: float input, for a layer that stays float).
+        axis: the weight axis of the output channels (1 for ConvTranspose, see ``weight_channel_axis``).
         input_at: the module at whose output that grid is applied, shared with the other layers reading it
             (``qat_lightning.nn.input_sharing``); ``None``: at the layer's own input.
     """
@@ -76,11 +87,12 @@ class IntegerLayer:
     scale: torch.Tensor
     bits: int
     input: InputGrid | None
+    axis: int = 0
     input_at: str | None = None
 
     def weight(self) -> torch.Tensor:
         """``codes * scale`` (float32), exactly the weight the fake-quant layer used (after any fold)."""
-        return self.codes.float() * self.scale.reshape((-1,) + (1,) * (self.codes.dim() - 1))
+        return self.codes.float() * broadcast_along(self.scale, self.codes, self.axis)
 
     def folded(self, factor: torch.Tensor) -> IntegerLayer:
         """The same layer after BatchNorm folding with per-channel ``factor`` (see ``batchnorm_factor``).
@@ -91,7 +103,7 @@ class IntegerLayer:
         code may end one step past its grid's positive end, which the int8 kernels compute exactly. Channels with
         ``factor == 0`` become zero.
         """
-        sign = torch.sign(factor).to(torch.int32).reshape((-1,) + (1,) * (self.codes.dim() - 1))
+        sign = broadcast_along(torch.sign(factor).to(torch.int32), self.codes, self.axis)
         codes = self.codes.to(torch.int32) * sign
         if self.codes.dtype == torch.int8:
             codes = torch.clamp(codes, -128, 127)
@@ -125,12 +137,13 @@ def read_layer(name: str, layer: FakeQuantizedLayer) -> IntegerLayer:
     """
     wq, iq = layer.weight_quantizer, layer.input_quantizer
     grid_weight = layer.quantized_weight().detach().float()
-    scale = wq.scale.detach().float().clamp(min=EPS).expand(grid_weight.shape[0]).clone()
-    codes = torch.round(grid_weight / scale.reshape((-1,) + (1,) * (grid_weight.dim() - 1)))
+    axis = weight_channel_axis(layer)
+    scale = wq.scale.detach().float().clamp(min=EPS).expand(grid_weight.shape[axis]).clone()
+    codes = torch.round(grid_weight / broadcast_along(scale, grid_weight, axis))
     dtype = torch.int8 if wq.config.bits <= INTEGER_MAX_BITS else torch.int32
     grid = InputGrid.of(iq) if isinstance(iq, FakeQuantizer) and iq.calibrated else None
     producer = iq.producer if isinstance(iq, FakeQuantizer) else None
-    return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid, producer)
+    return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid, axis=axis, input_at=producer)
 
 
 class FrozenInputGrid(nn.Module):
@@ -204,13 +217,25 @@ def integer_model(model: nn.Module) -> IntegerModel:
         float_layers[name] = reason
         if layer.weight_quantizer.calibrated and layer.weight_quantizer.config.symmetric:
             codes[name] = read_layer(name, layer)
-        layer.weight = nn.Parameter(layer.quantized_weight().detach(), requires_grad=False)
-        layer.weight_quantizer = nn.Identity()
-        iq = layer.input_quantizer
-        if isinstance(iq, FakeQuantizer):
-            rounds_here = iq.calibrated and iq.producer is None
-            layer.input_quantizer = FrozenInputGrid(InputGrid.of(iq)) if rounds_here else nn.Identity()
+        _freeze_grids(layer)
+    for name, module in list(copy_.named_modules()):
+        if isinstance(module, FakeQuantizedMultiheadAttention):
+            float_layers[name] = ATTENTION_REASON
+            _freeze_grids(module)
     for producer in rounded_producers(copy_).values():  # shared input grids, applied where the input is made
         q = producer.output_quantizer
         producer.round_output_with(FrozenInputGrid(InputGrid.of(q)) if q.calibrated else nn.Identity())
     return IntegerModel(copy_, layers, float_layers, codes)
+
+
+def _freeze_grids(module: FakeQuantizedModule) -> None:
+    """Keep ``module`` float on its trained grids: its weights become their grid values, its inputs get a
+    ``FrozenInputGrid`` (``nn.Identity`` for a quantizer that never saw data) and no quantizer is left."""
+    for name, grid in module.quantized_weights().items():
+        setattr(module, name, nn.Parameter(grid.detach(), requires_grad=False))
+        setattr(module, f"{name}_quantizer", nn.Identity())
+    for name, quantizer in module.input_quantizers().items():
+        if isinstance(quantizer, FakeQuantizer):  # a grid shared at the producer's output is applied there
+            rounds_here = quantizer.calibrated and quantizer.producer is None
+            frozen = FrozenInputGrid(InputGrid.of(quantizer)) if rounds_here else nn.Identity()
+            setattr(module, f"{name}_quantizer", frozen)

@@ -2,10 +2,10 @@
 
 Each integer layer of the read-out becomes ``conv/linear(dequantize(quantize(x)), dequantize(codes))`` with the
 standard PT2E quantize/dequantize ops (``quantized_decomposed``, what torchao's ``convert_pt2e`` writes and what
-ONNX, ExecuTorch/XNNPACK and inductor lower to integer kernels). The weight is stored once, as int8 codes with
-per-channel scales. A ``b < 8``-bit input grid is an 8-bit quantize after a float ``clamp`` to the grid's range
-(quantizing is monotone, so this is exactly the ``b``-bit rounding), which every runtime understands. Everything
-else stays float, as in QAT.
+ONNX, ExecuTorch/XNNPACK and inductor lower to integer kernels); a ConvTranspose likewise, ``conv_transpose``. The
+weight is stored once, as int8 codes with per-channel scales (along axis 1 of a ConvTranspose weight). A ``b < 8``-bit
+input grid is an 8-bit quantize after a float ``clamp`` to the grid's range (quantizing is monotone, so this is
+exactly the ``b``-bit rounding), which every runtime understands. Everything else stays float, as in QAT.
 
 The ``plain_aten`` flavour writes the quantize/dequantize steps as ordinary ATen arithmetic (same numbers), so
 that the saved ``.pt2`` file loads with ``torch.export.load`` in a process that has torch alone.
@@ -21,6 +21,8 @@ from torch import nn
 
 from qat_lightning.convert.export import export_program
 from qat_lightning.convert.readout import InputGrid, IntegerModel
+from qat_lightning.nn.fake_quantized import conv_transpose
+from qat_lightning.quant.primitives import broadcast_along
 
 _CONTAINER_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
@@ -76,15 +78,16 @@ class _IntegerWeightLayer(nn.Module):
     (``input_grid``, or ``nn.Identity`` when the producer of the input rounds it)."""
 
     weight_codes: torch.Tensor
-    weight_scale: torch.Tensor  # (C,); (C, 1, ...) in plain ATen, broadcast along the codes
+    weight_scale: torch.Tensor  # (C,); in plain ATen shaped to broadcast along the codes' channel axis
     weight_zero_point: torch.Tensor  # zeros (C,), a buffer as the lowerings expect; not in plain ATen
     input_grid: nn.Module
     plain_aten: bool
+    weight_axis = 0  # the axis of the output channels, along which the scales run
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.plain_aten:
             return self.weight_codes.to(torch.float32) * self.weight_scale
-        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8)
+        args = (self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis, -128, 127, torch.int8)
         return qdq_ops().dequantize_per_channel.default(*args)
 
 
@@ -98,8 +101,19 @@ class _IntegerLinear(_IntegerWeightLayer):
         return F.linear(self.input_grid(input), self.dequantized_weight(), self.bias)  # type: ignore[attr-defined]
 
 
+class _IntegerConvTranspose(_IntegerWeightLayer):
+    weight_axis = 1
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return conv_transpose(self, self.input_grid(input), self.dequantized_weight(), output_size)  # type: ignore[arg-type]
+
+
 def _integer_class(float_class: type[nn.Module]) -> type[nn.Module]:
-    mixin = _IntegerLinear if issubclass(float_class, nn.Linear) else _IntegerConv
+    mixin: type[_IntegerWeightLayer] = _IntegerConv
+    if issubclass(float_class, nn.Linear):
+        mixin = _IntegerLinear
+    elif issubclass(float_class, nn.modules.conv._ConvTransposeNd):
+        mixin = _IntegerConvTranspose
     return type(f"Integer{float_class.__name__}", (mixin, float_class), {"__module__": __name__})
 
 
@@ -118,7 +132,7 @@ def reference_module(
         target = module.get_submodule(name)
         del target.weight
         target.register_buffer("weight_codes", layer.codes.to(torch.int8).clone())
-        scale = layer.scale.reshape((-1,) + (1,) * (layer.codes.dim() - 1)) if plain_aten else layer.scale
+        scale = broadcast_along(layer.scale, layer.codes, layer.axis) if plain_aten else layer.scale
         target.register_buffer("weight_scale", scale.clone())
         if not plain_aten:
             target.register_buffer("weight_zero_point", torch.zeros(layer.scale.shape, dtype=torch.int64))
@@ -129,6 +143,28 @@ def reference_module(
             module.get_submodule(layer.input_at).round_output_with(grid)
         target.__class__ = _integer_class(type(target))
     return module.eval()
+
+
+class _FloatWeight(nn.Module):
+    """Mixin for a reference layer that runs as a float kernel: its weight is the constant ``codes * scale``."""
+
+    float_weight: torch.Tensor
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.float_weight
+
+
+def with_float_weights(module: nn.Module, layers: list[str]) -> nn.Module:
+    """Give each of ``layers`` of a ``reference_module`` its weight as a float constant (the same numbers), in
+    place, for runtimes that cannot run them on int8 weights; their inputs stay on their grids."""
+    for name in layers:
+        target = module.get_submodule(name)
+        weight = target.dequantized_weight()  # codes * scale along the layer's channel axis
+        del target.weight_codes
+        target.register_buffer("float_weight", weight)
+        cls = type(target)
+        target.__class__ = type(f"Float{cls.__name__}", (_FloatWeight, cls), {"__module__": __name__})
+    return module
 
 
 def reference_program(

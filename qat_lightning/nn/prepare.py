@@ -8,13 +8,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from qat_lightning.nn.fake_quantized import (
     FakeQuantizedLayer,
+    FakeQuantizedModule,
     fake_quantize_layer,
     is_quantizable,
     restore_float_layer,
+    weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import share_input_quantizers, unshare_input_quantizers
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, check_bits, weight_config
@@ -38,8 +41,17 @@ class LayerPlan:
     input_from: str | None = None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+@dataclass(frozen=True)
+class FloatLayer:
+    """A layer with weights of its own that the plan leaves float: its qualified name, type and why."""
+
+    name: str
+    layer_type: str
+    reason: str
+
+
+def _matching_pattern(name: str, patterns: Sequence[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
 def _resolve_bits(
@@ -86,6 +98,10 @@ def plan_quantization(
 ) -> list[LayerPlan]:
     """One ``LayerPlan`` per quantizable layer of ``model`` not matched by an ``exclude`` glob pattern.
 
+    Quantizable: Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and MultiheadAttention (one entry for its
+    projections and inputs, see ``FakeQuantizedMultiheadAttention``). ``float_layers`` lists, with the reason,
+    every layer with weights that the plan leaves float.
+
     Args:
         bits: weight bit width of every layer unless overridden.
         activation_bits: input bit width (``None``: the layer's weight bits, 7 for 8-bit layers as in torch's x86
@@ -100,10 +116,11 @@ def plan_quantization(
         per_channel_weights: one weight scale per output channel (else one per tensor).
         weight_observer, activation_observer: observer names (see ``QuantizerConfig``).
 
-    Weights get symmetric quantizers, inputs per-tensor asymmetric ones.
+    Weights get symmetric quantizers (per channel along the output channels: axis 1 of a ConvTranspose weight),
+    inputs per-tensor asymmetric ones.
     """
     check_bits(bits)
-    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and not _matches(n, exclude)]
+    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and _matching_pattern(n, exclude) is None]
     resolved = _resolve_bits([n for n, _ in layers], bits, first_last_bits, dict(layer_bits or {}))
     overridden = {n for n, b in resolved.items() if b != bits}
 
@@ -118,7 +135,10 @@ def plan_quantization(
             LayerPlan(
                 name=name,
                 layer_type=type(module).__name__,
-                weight=weight_config(w_bits, learned(w_bits), per_channel_weights, weight_observer),
+                weight=dataclasses.replace(
+                    weight_config(w_bits, learned(w_bits), per_channel_weights, weight_observer),
+                    channel_axis=weight_channel_axis(module),
+                ),
                 activation=activation_config(a_bits, learned(a_bits), activation_observer)
                 if a_bits and activation_bits != 0
                 else None,
@@ -128,30 +148,46 @@ def plan_quantization(
 
 
 _EXTRA_STATE = "._extra_state"
+# {quantizer holding a layer's weight config: the quantizer holding its input config}, for layers and attention
+# (whose separate q/k/v weight quantizers share one config).
+_CONFIG_QUANTIZERS = {
+    "weight_quantizer": "input_quantizer",
+    "in_proj_weight_quantizer": "query_quantizer",
+    "q_proj_weight_quantizer": "query_quantizer",
+}
+
+
+def _out_projection(attention: str) -> str:
+    """The qualified name of the ``out_proj`` of the attention module called ``attention``."""
+    return f"{attention}.out_proj" if attention else "out_proj"
 
 
 def plan_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> list[LayerPlan]:
     """The plan a state dict was saved with, read from its quantizers' extra state (empty if none).
 
-    Layer names are relative to ``prefix``; ``layer_type`` is not stored and is left empty.
+    Layer names are relative to ``prefix``; ``layer_type`` is not stored and is left empty. An attention module
+    is one entry: its ``out_proj`` is quantized with it.
     """
-    suffix = ".weight_quantizer" + _EXTRA_STATE
-    plan = []
+    plan: dict[str, LayerPlan] = {}
+    attention = set()
     for key, extra in state_dict.items():
-        if not (key.startswith(prefix) and key.endswith(suffix)):
+        if not (key.startswith(prefix) and key.endswith(_EXTRA_STATE)):
             continue
-        name = key[len(prefix) : -len(suffix)]
-        activation = state_dict.get(f"{prefix}{name}.input_quantizer{_EXTRA_STATE}")
-        plan.append(
-            LayerPlan(
-                name=name,
-                layer_type="",
-                weight=QuantizerConfig(**extra["config"]),
-                activation=QuantizerConfig(**activation["config"]) if activation else None,
-                input_from=activation.get("producer") if activation else None,
-            )
+        name, _, quantizer = key[len(prefix) : -len(_EXTRA_STATE)].rpartition(".")
+        if quantizer not in _CONFIG_QUANTIZERS:
+            continue
+        if quantizer != "weight_quantizer":
+            attention.add(name)
+        activation = state_dict.get(f"{prefix}{name}.{_CONFIG_QUANTIZERS[quantizer]}{_EXTRA_STATE}")
+        plan[name] = LayerPlan(
+            name=name,
+            layer_type="",
+            weight=QuantizerConfig(**extra["config"]),
+            activation=QuantizerConfig(**activation["config"]) if activation else None,
+            input_from=activation.get("producer") if activation else None,
         )
-    return plan
+    out_projections = {_out_projection(name) for name in attention}
+    return [layer for name, layer in plan.items() if name not in out_projections]
 
 
 def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> bool:
@@ -175,9 +211,13 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], pref
     return True
 
 
-def format_plan(plan: Sequence[LayerPlan]) -> str:
+def format_plan(plan: Sequence[LayerPlan], float_layers: Sequence[FloatLayer] = ()) -> str:
     """The plan as a fixed-width text table: layer, type, weight bits, activation bits, quantizer; an input
-    quantized where it is produced shows ``@ <producer>`` after its bits."""
+    quantized where it is produced shows ``@ <producer>`` after its bits.
+
+    ``float_layers`` (see ``float_layers``) follow the planned layers, with ``float`` bit widths and their reason
+    in the last column.
+    """
     rows = [("layer", "type", "w_bits", "a_bits", "quantizer")]
     for p in plan:
         quantizer = "lsq" if p.weight.learned_scale else p.weight.observer
@@ -187,29 +227,116 @@ def format_plan(plan: Sequence[LayerPlan]) -> str:
         if p.input_from is not None:
             a_bits += f" @ {p.input_from}"
         rows.append((p.name, p.layer_type, str(p.weight.bits), a_bits, quantizer))
+    rows.extend((f.name, f.layer_type, "float", "float", f.reason) for f in float_layers)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _has_weights(module: nn.Module) -> bool:
+    """Whether ``module`` holds a weight of its own (``weight``, or a parameter named like ``weight_ih_l0``)."""
+    return isinstance(getattr(module, "weight", None), torch.Tensor) or any(
+        "weight" in name for name, _ in module.named_parameters(recurse=False)
+    )
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` stays float if it has weights but no fake-quantized form (``None``: not such a layer).
+
+    Normalization layers do not count: BatchNorm is folded into the layer before it at conversion, LayerNorm and
+    GroupNorm scale each element.
+    """
+    if isinstance(module, (FakeQuantizedModule, _NORMALIZATION_TYPES)) or is_quantizable(module):
+        return None
+    if not _has_weights(module):
+        return None
+    if isinstance(module, _EMBEDDING_TYPES):
+        return "embedding table (lookups are not fake-quantized)"
+    return f"unsupported type `{type(module).__name__}`"
+
+
+def _weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module of ``model`` but the out-projections of attention modules (which are
+    quantized, or left float, with their attention module)."""
+    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    out_projections = {_out_projection(name) for name in attention}
+    for name, module in model.named_modules():
+        if name not in out_projections:
+            yield name, module
+
+
+def float_layers(model: nn.Module, plan: Sequence[LayerPlan], exclude: Sequence[str] = ()) -> list[FloatLayer]:
+    """Every layer of ``model`` with weights of its own that stays float under ``plan``, with the reason.
+
+    Reasons: ``excluded by pattern '<glob>'`` (one of ``exclude``), ``not in the plan`` (a quantizable layer that
+    ``plan`` leaves out otherwise), an embedding table, or an ``unsupported type `<Type>```. Layers already
+    fake-quantized, normalization layers and the out-projection of an attention module (listed as its module)
+    are not float layers.
+
+    Args:
+        model: the model ``plan`` was made for (float, or prepared with it).
+        plan: its plan (``plan_quantization``).
+        exclude: the ``exclude`` patterns ``plan`` was made with.
+    """
+    planned = {p.name for p in plan}
+    layers = []
+    for name, module in _weight_layers(model):
+        if is_quantizable(module) and name not in planned:
+            pattern = _matching_pattern(name, exclude)
+            reason = f"excluded by pattern {pattern!r}" if pattern is not None else "not in the plan"
+        else:
+            reason = _unsupported_reason(module)
+        if reason is not None:
+            layers.append(FloatLayer(name, type(module).__name__, reason))
+    return layers
+
+
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Layers with their own weights that cannot be fake-quantized and so stay float, as ``name (Type)``."""
     return [
         f"{name} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "weight", None), nn.Parameter)
-        and not isinstance(module, (FakeQuantizedLayer, _NORMALIZATION_TYPES))
-        and not is_quantizable(module)
+        for name, module in _weight_layers(model)
+        if _unsupported_reason(module) is not None
     ]
 
 
+def _unfused(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence keeps a TransformerEncoderLayer off its fused kernel."""
+
+
+def _keep_transformers_unfused(model: nn.Module) -> None:
+    """Make torch's transformer encoders run their fake-quantized layers in eval mode too.
+
+    In eval mode without autograd, ``nn.TransformerEncoderLayer`` runs one fused kernel on the float weights of
+    its attention and Linear layers, bypassing their forward passes; it does not when a forward hook is attached
+    (torch's own condition), so each layer holding a fake-quantized module gets the no-op ``_unfused``.
+    ``nn.TransformerEncoder`` would hand such layers nested tensors, which only the fused kernel takes: its
+    ``use_nested_tensor`` is turned off (the numbers do not change).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        if not isinstance(module, nn.TransformerEncoderLayer) or _unfused in module._forward_pre_hooks.values():
+            continue
+        if any(isinstance(m, FakeQuantizedModule) for m in module.modules()):
+            module.register_forward_pre_hook(_unfused)
+
+
 def apply_plan(model: nn.Module, plan: Sequence[LayerPlan]) -> None:
-    """Fake-quantize, in place, every layer named in ``plan`` (inputs shared at ``input_from`` where given)."""
+    """Fake-quantize, in place, every layer named in ``plan`` (inputs shared at ``input_from`` where given).
+
+    ``nn.TransformerEncoderLayer``s that hold a fake-quantized module are kept off torch's fused eval kernel, which
+    would compute with the float weights (``_keep_transformers_unfused``).
+    """
     modules = dict(model.named_modules())
     for layer in plan:
         fake_quantize_layer(modules[layer.name], layer.weight, layer.activation)
     share_input_quantizers(model, {p.name: p.input_from for p in plan if p.input_from is not None})
+    _keep_transformers_unfused(model)
 
 
 def with_input_producers(plan: Sequence[LayerPlan], producers: Mapping[str, str]) -> list[LayerPlan]:
@@ -249,7 +376,12 @@ def freeze_batchnorm_stats(model: nn.Module) -> int:
 
 
 def restore_float(model: nn.Module) -> None:
-    """Undo fake quantization everywhere in ``model`` (weights keep their current float values)."""
+    """Undo fake quantization everywhere in ``model`` (weights keep their current float values; a
+    ``TransformerEncoder`` keeps ``use_nested_tensor`` off)."""
     unshare_input_quantizers(model)
-    for _, layer in list(fake_quantized_layers(model)):
-        restore_float_layer(layer)
+    for module in list(model.modules()):
+        if isinstance(module, FakeQuantizedModule):  # an attention module restores its out_proj first
+            restore_float_layer(module)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _unfused:
+                del module._forward_pre_hooks[key]

@@ -9,10 +9,10 @@ statistics, observers and fake-quant modules stay exactly as they were.
   bits; layers the model keeps float stay float. A quantizer already at ``b`` bits is left as it is, so when
   every layer trains at ``b`` bits the snapshot computes exactly what the model computes.
 - ``quantized_snapshot`` of a **float** model: post-training fake quantization, as the ResNet-20 write-up did
-  with min/max observers. Every Conv/Linear layer gets per-channel symmetric ``b``-bit weights (range: the
-  current weights; one range per tensor with ``per_channel=False``) and, with ``quantize_activations``,
-  per-tensor asymmetric ``b``-bit inputs whose range is the running min/max over float forward passes of
-  ``calibration_inputs``.
+  with min/max observers. Every quantizable layer (see ``plan_quantization``) gets per-channel symmetric
+  ``b``-bit weights (range: the current weights; one range per tensor with ``per_channel=False``) and, with
+  ``quantize_activations``, per-tensor asymmetric ``b``-bit inputs whose range is the running min/max over float
+  forward passes of ``calibration_inputs``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.nn.fake_quantized import FakeQuantizedModule
 from qat_lightning.nn.prepare import (
     LayerPlan,
     apply_plan,
-    fake_quantized_layers,
     is_prepared,
     plan_quantization,
     quantizers,
@@ -65,13 +65,14 @@ def _ptq_plan(plan: list[LayerPlan], per_channel: bool) -> list[LayerPlan]:
 @torch.no_grad()
 def _calibrate(snapshot: nn.Module, calibration_inputs: Iterable[Any], forward: Forward) -> None:
     """Record weight ranges, then input ranges over float forward passes (no fake quant) of the inputs."""
-    layers = [layer for _, layer in fake_quantized_layers(snapshot)]
-    for layer in layers:
-        layer.weight_quantizer.train()
-        layer.weight_quantizer(layer.weight)
-        layer.weight_quantizer.eval()
-        layer.weight_quantizer.fake_quant_enabled = False
-    input_quantizers = [layer.input_quantizer for layer in layers if isinstance(layer.input_quantizer, FakeQuantizer)]
+    modules = [m for m in snapshot.modules() if isinstance(m, FakeQuantizedModule)]
+    for module in modules:
+        for name, quantizer in module.weight_quantizers().items():
+            quantizer.train()
+            quantizer(getattr(module, name))
+            quantizer.eval()
+            quantizer.fake_quant_enabled = False
+    input_quantizers = [q for m in modules for q in m.input_quantizers().values() if isinstance(q, FakeQuantizer)]
     for quantizer in input_quantizers:
         quantizer.train()
         quantizer.fake_quant_enabled = False
@@ -91,7 +92,7 @@ def quantized_snapshot(
     forward: Forward | None = None,
     per_channel: bool = True,
 ) -> nn.Module:
-    """An eval-mode deep copy of ``model`` whose Conv/Linear layers compute at ``bits`` bits.
+    """An eval-mode deep copy of ``model`` whose quantizable layers compute at ``bits`` bits.
 
     See the module docstring for the two cases (fake-quantized or float ``model``).
 

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from qat_lightning.convert.fidelity import relative_error
-from qat_lightning.convert.reference import ReferenceSource, qdq_ops, reference_module, with_dequantize_per_reader
+from qat_lightning.convert.reference import (
+    ReferenceSource,
+    qdq_ops,
+    reference_module,
+    with_dequantize_per_reader,
+    with_float_weights,
+)
 
 NAME = "executorch"
 FILE_NAME = "{name}_int8.pte"
@@ -128,15 +134,6 @@ def _insert_output_quantize(program: torch.export.ExportedProgram, layers: list[
     program.graph_module.recompile()
 
 
-class _FloatWeight(nn.Module):
-    """Mixin for a reference layer that runs as a float kernel: its weight is the constant ``codes * scale``."""
-
-    float_weight: torch.Tensor
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.float_weight
-
-
 def _finest_codes(module: nn.Module, layers: list[str]) -> nn.Module:
     """Scale each channel's codes by the largest power of two that keeps them int8, and its scale down by it.
 
@@ -150,18 +147,6 @@ def _finest_codes(module: nn.Module, layers: list[str]) -> nn.Module:
         shape = (-1,) + (1,) * (codes.dim() - 1)
         target.weight_codes = (codes * factor.to(torch.int32).reshape(shape)).to(torch.int8)
         target.weight_scale = target.weight_scale / factor
-    return module
-
-
-def _with_float_weights(module: nn.Module, layers: list[str]) -> nn.Module:
-    for name in layers:
-        target = module.get_submodule(name)
-        codes, scale = target.weight_codes, target.weight_scale
-        weight = codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
-        del target.weight_codes
-        target.register_buffer("float_weight", weight)
-        cls = type(target)
-        target.__class__ = type(f"Float{cls.__name__}", (_FloatWeight, cls), {"__module__": __name__})
     return module
 
 
@@ -179,14 +164,25 @@ def _export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torc
     return with_dequantize_per_reader(program)
 
 
+def _reference_module(source: ReferenceSource) -> nn.Module:
+    """The folded int8 reference module, with the input of each transposed convolution rounded by plain arithmetic
+    (the same numbers): XNNPACK takes a transposed convolution of a dequantized input only with int8 weights and
+    output, which QAT does not give it, so it runs as a float kernel."""
+    module = reference_module(source.folded(), torch.int8)
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd) and hasattr(layer, "input_grid"):
+            layer.input_grid.plain_aten = True
+    return module
+
+
 def _lower(source: ReferenceSource, int8: list[str]) -> bytes:
     """The ``.pte`` bytes of ``source`` with ``int8`` on XNNPACK's int8 kernels and its other layers on float ones."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     integer = source.folded()
-    module = reference_module(integer, torch.int8)
-    _with_float_weights(module, [n for n in integer.layers if n not in int8])
+    module = _reference_module(source)
+    with_float_weights(module, [n for n in integer.layers if n not in int8])
     _finest_codes(module, int8)
     program = _export(module, source.example_inputs)
     _insert_output_quantize(program, int8)
@@ -203,7 +199,7 @@ def lowered_program(source: ReferenceSource) -> tuple[bytes, list[str], float]:
     The int8 candidates are tried first and kept if they stay within ``INT8_RELATIVE_ERROR`` of the reference;
     otherwise every layer runs as a float kernel.
     """
-    reference = _export(reference_module(source.folded(), torch.int8), source.example_inputs)
+    reference = _export(_reference_module(source), source.example_inputs)
     with torch.no_grad():
         expected = reference.module()(*source.example_inputs)
     candidates = _int8_outputs(reference)

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.modules.conv import _ConvTransposeNd
 
+from qat_lightning.convert.export import export_program
 from qat_lightning.convert.fidelity import relative_error
-from qat_lightning.convert.reference import ReferenceSource
+from qat_lightning.convert.reference import ReferenceSource, reference_module, with_float_weights
 
 NAME = "x86"
 FILE_NAME = "{name}_x86.pt2"
@@ -50,7 +52,7 @@ def requirement() -> str | None:
 def write(source: ReferenceSource, path: Path) -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 - registers the int8 fusions
 
-    program = source.program(torch.uint8, fold_batchnorm=True)
+    program = _program(source)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
         expected = program.module()(*source.example_inputs)
@@ -61,6 +63,18 @@ def write(source: ReferenceSource, path: Path) -> None:
             "example inputs). oneDNN's fused int8 kernels are known to go wrong for convolutions with a single "
             "input channel (grayscale images); use the 'onnx' or 'pt2' formats for this model"
         )
+
+
+def _program(source: ReferenceSource) -> torch.export.ExportedProgram:
+    """The folded uint8 reference program, with float weights (the same numbers) for transposed convolutions:
+    inductor's int8 fusion takes ``dequantize -> conv_transpose`` for an ordinary convolution and fails (torch 2.14).
+    """
+    integer = source.folded()
+    transposed = [n for n in integer.layers if isinstance(integer.model.get_submodule(n), _ConvTransposeNd)]
+    if not transposed:
+        return source.program(torch.uint8, fold_batchnorm=True)
+    module = with_float_weights(reference_module(integer, torch.uint8), transposed)
+    return export_program(module, source.example_inputs)
 
 
 def load(path: Path) -> Callable[..., torch.Tensor]:
