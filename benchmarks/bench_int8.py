@@ -63,7 +63,7 @@ def float_model(build: Callable[[], nn.Module]) -> nn.Module:
 def fake_quant_model(model: nn.Module, bits: int, batches: list[torch.Tensor]) -> nn.Module:
     """``model`` with fake quantization at ``bits`` (weights and inputs), observers calibrated on ``batches``."""
     qat = copy.deepcopy(model)
-    apply_plan(qat, plan_quantization(qat, bits, first_last_bits=8))
+    apply_plan(qat, plan_quantization(qat, bits, learned_scale=False))  # observed ranges: calibrated below
     qat.train()
     for m in qat.modules():  # keep the BatchNorm statistics: calibrate the quantizers only
         if isinstance(m, nn.BatchNorm2d):

@@ -33,6 +33,7 @@ from qat_lightning.models import (
 from qat_lightning.nn import (
     FakeQuantizedLayer,
     LayerPlan,
+    QuantizationRecipe,
     apply_plan,
     apply_weight_norm,
     fake_quantized_layers,
@@ -68,6 +69,7 @@ __all__ = [
     "MNISTDataModule",
     "MetricTable",
     "QuantizationCallback",
+    "QuantizationRecipe",
     "QuantizerConfig",
     "SmallCNN",
     "WeightHistograms",

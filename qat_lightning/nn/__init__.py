@@ -26,6 +26,7 @@ from qat_lightning.nn.prepare import (
     set_observers_enabled,
     unsupported_layers,
 )
+from qat_lightning.nn.recipe import QuantizationRecipe
 from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
 from qat_lightning.nn.weight_norm import (
     apply_weight_norm,
@@ -42,6 +43,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "FakeQuantizedLinear",
     "LayerPlan",
+    "QuantizationRecipe",
     "apply_plan",
     "apply_weight_norm",
     "fake_quantize_layer",
