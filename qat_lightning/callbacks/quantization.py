@@ -115,8 +115,8 @@ class QuantizationCallback(Callback):
         convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
         formats: the files to write, any of ``qat_lightning.convert.BACKENDS`` (``"pt2"``, ``"onnx"``, ...).
         agreement_batches: validation batches each file is checked on against the fake-quant model.
-        recipe: the whole quantization recipe, instead of its keyword arguments above (which must then keep
-            their defaults).
+        recipe: the whole quantization recipe, instead of its keyword arguments above (any of them set to a value
+            other than its default is then an error).
 
     Attributes:
         recipe: the recipe the plan is made from (for PTQ: with observed scales and the calibration observer).

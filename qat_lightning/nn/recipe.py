@@ -116,7 +116,8 @@ class QuantizationRecipe:
 def recipe_from_arguments(recipe: QuantizationRecipe | None, **arguments: Any) -> QuantizationRecipe:
     """``recipe``, or the recipe that ``arguments`` (``QuantizationRecipe`` fields) describe when it is ``None``.
 
-    A recipe and arguments that differ from the recipe defaults cannot be given together: the error names them.
+    A recipe and arguments that differ from the recipe defaults cannot be given together: the error names them
+    (an argument set to its default value cannot be told from one left out, so it never conflicts).
     """
     described = QuantizationRecipe(**arguments)
     if recipe is None:
