@@ -64,7 +64,7 @@ def fake_quant_model(model: nn.Module, bits: int, batches: list[torch.Tensor]) -
     """``model`` with fake quantization at ``bits`` (weights and inputs; shared inputs rounded where they are
     produced), observers calibrated on ``batches``."""
     qat = copy.deepcopy(model)
-    apply_plan(qat, plan_quantization(qat, bits, first_last_bits=8))
+    apply_plan(qat, plan_quantization(qat, bits, learned_scale=False))  # observed ranges: calibrated below
     share_input_quantizers(qat, find_input_producers(qat, (batches[0],)))  # as QuantizationCallback does
     qat.train()
     for m in qat.modules():  # keep the BatchNorm statistics: calibrate the quantizers only

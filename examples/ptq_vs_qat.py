@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, calibrate
+from qat_lightning import (
+    DigitsDataModule,
+    ImageClassifier,
+    QuantizationCallback,
+    QuantizationRecipe,
+    SmallCNN,
+    calibrate,
+)
 from qat_lightning.nn import apply_plan, plan_quantization
 
 
@@ -41,7 +48,8 @@ def post_training_quantize(model: nn.Module, bits: int, loader: DataLoader, batc
     """A fake-quantized copy of ``model`` whose quantizers observed ``batches`` batches of ``loader``, with the
     settings of the callback's PTQ mode (MSE-searched activation ranges)."""
     quantized = copy.deepcopy(model)
-    apply_plan(quantized, plan_quantization(quantized, bits, first_last_bits=8, activation_observer="mse"))
+    recipe = QuantizationRecipe(bits=bits, learned_scale=False, activation_observer="mse")  # 8-bit first/last
+    apply_plan(quantized, plan_quantization(quantized, recipe=recipe))
     calibrate(quantized, loader, forward=lambda batch, _: quantized(batch[0]), num_batches=batches)
     return quantized.eval()
 

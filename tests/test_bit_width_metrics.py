@@ -136,7 +136,7 @@ def test_float_model_snapshot_weights_only_per_tensor_and_missing_calibration() 
 def test_qat_model_snapshot_regrids_the_models_own_quantizers() -> None:
     torch.manual_seed(0)
     model = SmallCNN()
-    apply_plan(model, plan_quantization(model, bits=4))
+    apply_plan(model, plan_quantization(model, bits=4, first_last_bits=None))
     model.train()
     for _ in range(3):
         model(torch.randn(32, 1, 8, 8))  # observers record weight and activation ranges
@@ -219,8 +219,10 @@ def test_metrics_equal_sklearn_on_the_same_predictions(tmp_path) -> None:
     # At the training bit width the copy computes what the model computes.
     for name in ("acc", "precision", "recall", "f1"):
         assert float(logged[f"val_4bit/{name}"]) == float(logged[f"val/{name}"])
-    assert "val_4bit/acc" in trainer.progress_bar_metrics
-    assert "val_2bit/acc" not in trainer.progress_bar_metrics and "val_fp32/acc" not in trainer.progress_bar_metrics
+    # The progress bar shows the column of the model's own bit width, read from its quantizers.
+    assert callback.train_bits == (4,)
+    assert trainer.progress_bar_metrics["val_train_bits/acc"] == pytest.approx(float(logged["val_4bit/acc"]))
+    assert not {"val_2bit/acc", "val_4bit/acc", "val_fp32/acc"} & set(trainer.progress_bar_metrics)
 
 
 class NoisyInput(nn.Module):
@@ -260,9 +262,11 @@ def test_event_files_and_fit_end_table(tmp_path) -> None:
     events.Reload()
     tags = events.Tags()
     epoch_steps = [TRAIN_BATCHES * (epoch + 1) - 1 for epoch in range(2)]
-    for prefix in ("val_2bit", "val_4bit", "val_8bit", "val_16bit", "val_fp32"):
+    # 4 bits is not in `eval_bits`: it is evaluated once the model carries 4-bit quantizers (the QAT epoch).
+    steps = {"val_2bit": epoch_steps, "val_4bit": epoch_steps[1:], "val_8bit": epoch_steps}
+    for prefix, expected_steps in {**steps, "val_16bit": epoch_steps, "val_fp32": epoch_steps}.items():
         for name in ("acc", "precision", "recall", "f1"):
-            assert [e.step for e in events.Scalars(f"{prefix}/{name}")] == epoch_steps
+            assert [e.step for e in events.Scalars(f"{prefix}/{name}")] == expected_steps
     assert events.Scalars("val_4bit/acc")[-1].value == pytest.approx(float(trainer.callback_metrics["val_4bit/acc"]))
     assert "bit_width_metrics/plot" in tags["images"]
     assert [e.step for e in events.Images("bit_width_metrics/plot")] == [epoch_steps[-1]]
@@ -296,7 +300,8 @@ def test_float_model_without_qat_shows_fp32_in_progress_bar(tmp_path) -> None:
     assert len(callback._calibration_inputs) == 2
     assert set(callback.results) == {4, None}
     assert float(trainer.callback_metrics["val_fp32/acc"]) == float(trainer.callback_metrics["val/acc"])
-    assert "val_fp32/acc" in trainer.progress_bar_metrics
+    assert callback.train_bits == ()
+    assert trainer.progress_bar_metrics["val_train_bits/acc"] == float(trainer.callback_metrics["val_fp32/acc"])
     assert (tmp_path / "bit_width_metrics.csv").exists()  # no logger: the table goes to default_root_dir
 
     # Validation alone has no training batch to calibrate activations with: weights only, with a warning.

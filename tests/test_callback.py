@@ -291,11 +291,18 @@ def _checkpointed_run(tmp_path, trainer_kwargs):
 def test_validate_after_fit_on_the_same_trainer(trainer_kwargs):
     """``fit`` then ``validate``/``test`` with the same trainer and the already quantized model."""
     model, data = _digits()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[QuantizationCallback(bits=4, warmup_epochs=0)], **trainer_kwargs)
+    callbacks = [QuantizationCallback(bits=4, warmup_epochs=0)]
+    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, **{**trainer_kwargs, "limit_train_batches": 1.0})
     trainer.fit(model, data)
     scales = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".scale")}
     first = trainer.validate(model, data, verbose=False)[0]
-    assert trainer.test(model, data, verbose=False)[0]["test/acc"] >= 0
+    tested = trainer.test(model, data, verbose=False)[0]["test/acc"]
+    model.eval()
+    x, y = data.splits["test"].tensors
+    with torch.no_grad():  # an independent evaluation of the fake-quantized model on the whole test split
+        expected = (model(x).argmax(dim=1) == y).double().mean().item()
+    assert tested == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.5  # one epoch of 4-bit QAT learned the digits: chance is 0.1
     assert trainer.validate(model, data, verbose=False)[0] == first
     assert is_prepared(model)
     assert _same(scales, {k: v for k, v in model.state_dict().items() if k.endswith(".scale")})

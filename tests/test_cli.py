@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from qat_lightning.cli import main
+from qat_lightning.nn import plan_from_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -144,3 +145,28 @@ def test_epochs_the_callback_rejects_in_a_yaml_config_name_the_field(tmp_path, f
     with pytest.raises(ValueError, match=rf"`{field}` must be a non-negative integer.*, got {value}\."):
         main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_recipe_in_a_yaml_config_is_the_plan_the_checkpoint_trained(tmp_path):
+    """``recipe:`` in a config replaces the callback's recipe arguments; the saved quantizers follow it."""
+    recipe = {"bits": 2, "layer_bits": {"backbone.features.4": 3}, "activation_observer": "minmax"}
+    config = yaml.safe_load((CONFIGS / "digits_qat4.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"] = {"warmup_epochs": 0, "recipe": recipe}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", *SHORT])
+
+    plan = {p.name: p for p in plan_from_state_dict(_checkpoint(tmp_path)["state_dict"], prefix="backbone.")}
+    assert {name: (p.weight.bits, p.activation.bits) for name, p in plan.items()} == {
+        "features.0": (8, 7),  # first and last layer: the recipe's default 8 bits
+        "features.4": (3, 3),
+        "classifier": (8, 7),
+    }
+    assert [p.weight.learned_scale for p in plan.values()] == [False, True, False]  # LSQ at <= 4 bits
+    assert {p.activation.observer for p in plan.values()} == {"minmax"}
+
+
+def test_a_recipe_and_recipe_arguments_in_a_config_is_an_error_naming_them(tmp_path):
+    path = _config_with(tmp_path, bits=3, recipe={"bits": 2})
+    with pytest.raises(ValueError, match=r"either as `recipe` or as keyword arguments, not both: `bits`=3"):
+        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])

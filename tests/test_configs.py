@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch.cli import LightningCLI
 
+import qat_lightning.cli
+from qat_lightning import QuantizationCallback
 from qat_lightning.cli import main
+from qat_lightning.nn import fake_quantized_layers, is_prepared, quantizers
 from tests.dataset_files import write_cifar10, write_image_folder, write_mnist
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -63,8 +70,16 @@ def test_config_parses_and_matches_its_name(path, capsys):
         assert path.stem.endswith("fp32") and "QuantizationCallback" not in callbacks
 
 
+def _quantization_args(config: dict) -> dict | None:
+    callbacks = config["trainer"].get("callbacks") or []
+    found = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("QuantizationCallback")]
+    return found[0] if found else None
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_runs_fast_dev_run_on_generated_data(path, tmp_path, monkeypatch):
+    """One training and one validation batch, in the config's quantized phase: a QAT config trains that batch
+    fake-quantized (its FP32 warmup set to 0), a PTQ config calibrates after it; both convert at fit end."""
     monkeypatch.chdir(tmp_path)  # checkpoints and logs land here
     config = yaml.safe_load(path.read_text())
     overrides = generated_data(config, tmp_path / "data")
@@ -72,7 +87,45 @@ def test_config_runs_fast_dev_run_on_generated_data(path, tmp_path, monkeypatch)
         # Random init (the chain test below covers the checkpoint). jsonargparse 4.53 reads the dotted form
         # `--model.init_args.backbone.init_args.weights_path=null` of a nested argument as the string 'None'.
         overrides += ["--model.init_args.backbone", '{"init_args": {"weights_path": null}}']
+    quantization = _quantization_args(config)
+    mode = None if quantization is None else quantization.get("mode", "qat")
+    if mode == "qat" and quantization.get("warmup_epochs", 1):
+        assert len(config["trainer"]["callbacks"]) == 1, "the override below edits the config's only callback"
+        overrides.append("--trainer.callbacks.init_args.warmup_epochs=0")
+    runs: list[LightningCLI] = []
+
+    class RecordedCLI(LightningCLI):
+        def __init__(self, *args, **kwargs) -> None:
+            runs.append(self)  # before the run, so a failing run is recorded too
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(qat_lightning.cli, "LightningCLI", RecordedCLI)
     main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", *QUIET, *overrides])
+
+    (cli,) = runs
+    trainer, model = cli.trainer, cli.model
+    assert trainer.global_step == 1
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert {"train/loss", "val/loss", "val/acc"} <= metrics.keys()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    report_path = tmp_path / "quantized" / "conversion_report.json"
+    if mode is None:
+        assert not is_prepared(model) and not report_path.exists()
+        return
+    (callback,) = (c for c in trainer.callbacks if isinstance(c, QuantizationCallback))
+    assert callback.quantized and callback.phase == ("qat_frozen" if mode == "ptq" else "qat")
+    layers = dict(fake_quantized_layers(model))
+    assert layers and {name for name, _ in layers.items()} == {p.name for p in callback.plan}
+    assert all(q.calibrated for q in quantizers(model))
+    assert {layer.weight_quantizer.config.bits for layer in layers.values()} >= {quantization["bits"]}
+    inputs, _ = next(iter(trainer.datamodule.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(inputs)).all()
+    report = json.loads(report_path.read_text())
+    assert report["failed"] == {} and set(report["fidelity"]) == {"pt2", "onnx"}
+    for fidelity in report["fidelity"].values():
+        assert math.isfinite(fidelity["relative_error"]) and 0 <= fidelity["agreement"] <= 1, fidelity
 
 
 def test_cifar10_qat_configs_start_from_the_float_configs_checkpoint(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def test_float_layer_is_quantized_per_channel_at_the_given_bits() -> None:
 def test_fake_quantized_layer_uses_its_own_quantizer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4))
-    apply_plan(model, plan_quantization(model, bits=3, activation_bits=0))
+    apply_plan(model, plan_quantization(model, bits=3, activation_bits=0, first_last_bits=None, learned_scale=False))
     model.train()(torch.randn(2, 6))
     layer = model[0]
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_event_files_hold_histograms_and_sqnr_every_epoch(tmp_path) -> None:
     assert not [t for t in tags["histograms"] if not t.startswith("weights/")]
 
 
-def test_qat_bits_by_default_every_n_epochs_and_fake_quantized_layers(tmp_path) -> None:
+def test_every_n_epochs_float_layers_at_bits_then_the_grid_of_the_models_plan(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     callbacks = [
         QuantizationCallback(bits=3, warmup_epochs=2, first_last_bits=None),
@@ -131,9 +131,14 @@ def test_qat_bits_by_default_every_n_epochs_and_fake_quantized_layers(tmp_path) 
     trainer, model = _fit(tmp_path, logger, callbacks, max_epochs=4)
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Histograms("weights/backbone.classifier/codes")] == [5, 11]
-    for event in events.Histograms("weights/backbone.classifier/codes"):  # a 3-bit grid before and during QAT
-        assert event.histogram_value.min >= -4 and event.histogram_value.max <= 3
+    warmup, qat = events.Histograms("weights/backbone.classifier/codes")
+    assert (warmup.step, qat.step) == (5, 11)
+    # Epoch 1 is float: the 8-bit default grid, whose symmetric range the largest weight of a channel spans.
+    low, high = warmup.histogram_value.min, warmup.histogram_value.max
+    assert low >= -128 and high <= 127 and (high == 127 or low == -128)
+    # Epoch 3 is QAT: the 3-bit grid the plan gave the layer, read from its own quantizer.
+    assert model.backbone.classifier.weight_quantizer.config.bits == 3
+    assert qat.histogram_value.min >= -4 and qat.histogram_value.max <= 3
     classifier = model.backbone.classifier
     final = events.Histograms("weights/backbone.classifier/scale")[-1].histogram_value
     assert final.sum == pytest.approx(float(classifier.weight_quantizer.scale.sum()), rel=1e-5)

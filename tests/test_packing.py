@@ -55,7 +55,7 @@ def test_codes_outside_the_grid_are_rejected() -> None:
 def _fake_quant_cnn(bits: int) -> nn.Module:
     torch.manual_seed(0)
     model = SmallCNN()
-    apply_plan(model, plan_quantization(model, bits))
+    apply_plan(model, plan_quantization(model, bits, first_last_bits=None))  # every layer at `bits`
     model.train()
     with torch.no_grad():
         for _ in range(3):

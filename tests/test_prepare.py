@@ -74,7 +74,7 @@ MIXED_FLOAT_LAYERS = ["embed (Embedding)", "rnn (GRU)"]
 
 
 def test_plan_lists_quantizable_layers_with_their_configs():
-    plan = plan_quantization(TwoBranchNet(), bits=4, activation_bits=6)
+    plan = plan_quantization(TwoBranchNet(), bits=4, activation_bits=6, first_last_bits=None, learned_scale=False)
     assert [(p.name, p.layer_type) for p in plan] == [
         ("image.0", "Conv2d"),
         ("sequence.0", "Conv1d"),
@@ -84,14 +84,15 @@ def test_plan_lists_quantizable_layers_with_their_configs():
         assert p.weight == weight_config(4)
         assert p.activation == activation_config(6)
     assert all(p.activation is None for p in plan_quantization(TwoBranchNet(), bits=4, activation_bits=0))
-    assert all(p.activation == activation_config(3) for p in plan_quantization(TwoBranchNet(), bits=3))
+    uniform = plan_quantization(TwoBranchNet(), bits=3, first_last_bits=None, learned_scale=False)
+    assert all(p.activation == activation_config(3) for p in uniform)
 
 
 def test_conversion_keeps_modules_and_parameters():
     model = TwoBranchNet()
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    apply_plan(model, plan_quantization(model, bits=4))
+    apply_plan(model, plan_quantization(model, bits=4, learned_scale=False))
 
     assert type(model.image[0]) is FakeQuantizedConv2d and isinstance(model.image[0], nn.Conv2d)
     assert type(model.sequence[0]) is FakeQuantizedConv1d and isinstance(model.sequence[0], nn.Conv1d)

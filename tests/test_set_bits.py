@@ -15,7 +15,7 @@ from qat_lightning.nn import apply_plan, plan_quantization, quantized_snapshot
 def _four_bit_linear() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8))
-    apply_plan(model, plan_quantization(model, 4, learned_scale=False))
+    apply_plan(model, plan_quantization(model, 4, first_last_bits=None, learned_scale=False))
     model.train()
     with torch.no_grad():
         for _ in range(3):

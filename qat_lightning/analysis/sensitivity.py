@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qat_lightning.calibration import calibrate
+from qat_lightning.metrics import ClassAgreement
 from qat_lightning.nn import apply_plan, plan_quantization
 from qat_lightning.quant import sqnr_db
 
@@ -43,6 +44,12 @@ def _logits(model: nn.Module, batches: Sequence[Batch], run: Forward) -> torch.T
     return torch.cat([run(model, x) for x, _ in batches])
 
 
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    accuracy = ClassAgreement(sync_on_compute=False)
+    accuracy.update(logits, targets)
+    return float(accuracy.compute())
+
+
 def layer_sensitivity(
     model: nn.Module,
     calibration: Sequence[Batch],
@@ -65,14 +72,14 @@ def layer_sensitivity(
     run = forward or (lambda m, x: m(x))
     ref_logits = _logits(copy.deepcopy(model), evaluation, run)
     targets = torch.cat([y for _, y in evaluation])
-    float_acc = (ref_logits.argmax(1) == targets).float().mean().item()
+    float_acc = _accuracy(ref_logits, targets)
     results = []
     for layer in plan_quantization(model, bits, first_last_bits=None, activation_observer="mse", learned_scale=False):
         candidate = copy.deepcopy(model)
         apply_plan(candidate, [layer])
         calibrate(candidate, calibration, lambda batch, i, m=candidate: run(m, batch[0]), len(calibration))
         logits = _logits(candidate, evaluation, run)
-        acc = (logits.argmax(1) == targets).float().mean().item()
+        acc = _accuracy(logits, targets)
         results.append(LayerSensitivity(layer.name, bits, float(sqnr_db(ref_logits, logits)), acc, float_acc - acc))
     return sorted(results, key=lambda r: r.sqnr_db)
 

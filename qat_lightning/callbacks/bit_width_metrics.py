@@ -15,13 +15,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from qat_lightning.callbacks._tensorboard import TensorBoardWriter, epoch_end_step
-from qat_lightning.callbacks.quantization import QuantizationCallback
 from qat_lightning.models.classifier import classification_metrics
-from qat_lightning.nn import is_prepared
+from qat_lightning.nn import fake_quantized_layers, is_prepared
 from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
 from qat_lightning.quant import check_bits
 from qat_lightning.report import MetricTable, figure_to_rgb
 
+PROGRESS_BAR_KEY = "val_train_bits/acc"
 # Row order of the table (as in the ResNet-20 write-up); any other metric follows alphabetically.
 _METRIC_ORDER = ("acc", "precision", "recall", "f1")
 
@@ -46,10 +46,11 @@ class BitWidthMetrics(Callback):
 
     The model is never modified: copies are evaluated, under an isolated RNG, so training (parameters, BatchNorm
     statistics, observers, fake-quant modules, random streams) is bit-identical with or without this callback.
-    The training bit width (that of a ``QuantizationCallback`` in the trainer, always evaluated) or, without
-    one, ``fp32`` is shown in the progress bar. At fit end the last epoch's table (rows: metrics, columns: bit
-    widths) is written as ``<table_name>.md``, ``.csv`` and ``.png`` to ``trainer.log_dir`` and logged to
-    TensorBoard as text and image.
+    The model's own weight bit widths (those its plan gave its fake-quantized layers, read from their
+    quantizers) are always evaluated; the accuracy at the lowest of them (at ``fp32`` while the model is float)
+    is shown in the progress bar as ``val_train_bits/acc`` (not sent to loggers). At fit end the last epoch's
+    table (rows: metrics, columns: bit widths) is written as ``<table_name>.md``, ``.csv`` and ``.png`` to
+    ``trainer.log_dir`` and logged to TensorBoard as text and image.
 
     Batches are read as ``(inputs, targets, ...)`` and predictions are ``model(inputs)`` logits of shape
     ``(N, num_classes)``; override :meth:`unpack_batch` and :meth:`predict` in a subclass for other layouts.
@@ -61,6 +62,8 @@ class BitWidthMetrics(Callback):
         table_name: file stem and TensorBoard tag of the fit-end table.
 
     Attributes:
+        train_bits: the weight bit widths of the model's fake-quantized layers at the last validation epoch,
+            increasing (empty while the model is float).
         results: ``{bits: {metric: value}}`` of the last validation epoch (``None``: float).
         table: the fit-end :class:`~qat_lightning.report.MetricTable`.
         snapshots: ``{bits: model copy}`` evaluated during the current validation epoch (emptied at its end).
@@ -88,7 +91,7 @@ class BitWidthMetrics(Callback):
         self.quantize_activations = quantize_activations
         self.calibration_batches = calibration_batches
         self.table_name = table_name
-        self.train_bits: int | None = None
+        self.train_bits: tuple[int, ...] = ()
         self.results: dict[int | None, dict[str, float]] = {}
         self.table: MetricTable | None = None
         self._calibration_inputs: list[Any] = []
@@ -104,9 +107,8 @@ class BitWidthMetrics(Callback):
 
     @property
     def columns(self) -> tuple[int | None, ...]:
-        """The evaluated bit widths, increasing, with the training bit width included and float (``None``) last."""
-        bits = set(self.eval_bits) | ({self.train_bits} if self.train_bits is not None else set())
-        return (*sorted(bits), None)
+        """The evaluated bit widths, increasing, with the training bit widths included and float (``None``) last."""
+        return (*sorted(set(self.eval_bits) | set(self.train_bits)), None)
 
     # ------------------------------------------------------------------ customisation points
 
@@ -125,10 +127,6 @@ class BitWidthMetrics(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        qat = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizationCallback)), None)
-        self.train_bits = qat.bits if qat is not None else None
-
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibration_inputs = []
 
@@ -143,6 +141,9 @@ class BitWidthMetrics(Callback):
         self.snapshots, self._metrics = {}, {}
         if trainer.sanity_checking:
             return
+        self.train_bits = tuple(
+            sorted({layer.weight_quantizer.config.bits for _, layer in fake_quantized_layers(pl_module)})
+        )
         with isolate_rng():
             self.snapshots = self._take_snapshots(pl_module)
 
@@ -170,15 +171,17 @@ class BitWidthMetrics(Callback):
         self.snapshots = {}
         if not self._metrics:
             return
-        progress_bar_key = f"{self.prefix(self.train_bits)}/acc"
         results: dict[int | None, dict[str, float]] = {}
         for bits in self.columns:
             values = self._metrics[bits].compute()
-            for key, value in values.items():
-                pl_module.log(key, value, prog_bar=key == progress_bar_key)
+            pl_module.log_dict(values)
             named = {key.split("/", 1)[1]: float(value) for key, value in values.items()}
             results[bits] = {name: named[name] for name in sorted(named, key=_metric_rank)}
         self.results = results
+        # One key for the whole fit (Lightning fixes a key's progress-bar flag), whose column changes when the
+        # model gets fake-quantized.
+        own = results[min(self.train_bits, default=None)]["acc"]
+        pl_module.log(PROGRESS_BAR_KEY, own, prog_bar=True, logger=False)
         self._metrics = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

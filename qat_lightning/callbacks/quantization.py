@@ -12,13 +12,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from qat_lightning.calibration import calibrate
 from qat_lightning.callbacks.optimizers import give_parameters_own_group
+from qat_lightning.callbacks.ptq import PostTrainingQuantization
 from qat_lightning.convert.backends import DEFAULT_FORMATS, check_formats
 from qat_lightning.convert.from_trainer import convert_from_trainer
 from qat_lightning.nn import (
     FloatLayer,
     LayerPlan,
+    QuantizationRecipe,
     apply_plan,
     find_input_producers,
     float_layers,
@@ -33,7 +34,7 @@ from qat_lightning.nn import (
     unsupported_layers,
     with_input_producers,
 )
-from qat_lightning.quant import check_bits
+from qat_lightning.nn.recipe import recipe_from_arguments
 from qat_lightning.quant.config import ObserverName
 
 log = logging.getLogger(__name__)
@@ -83,32 +84,6 @@ def _check_count(value: object, name: str, optional: bool = True) -> None:
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
-@torch.no_grad()
-def _accuracy(module: torch.nn.Module, dataloader: Any, forward: Any) -> float | None:
-    """Share of ``(input, target)`` batches' targets equal to ``forward(batch, idx)`` (class predictions),
-    with ``module`` in eval mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        return _count_correct(dataloader, forward)
-    finally:
-        module.train(was_training)
-
-
-def _count_correct(dataloader: Any, forward: Any) -> float | None:
-    correct = total = 0
-    for batch_idx, batch in enumerate(dataloader):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            return None
-        predictions = forward(batch, batch_idx)
-        target = batch[1].to(predictions.device)
-        if predictions.shape != target.shape:
-            return None
-        correct += int((predictions == target).sum())
-        total += target.numel()
-    return correct / total if total else None
-
-
 class _Event:
     """A phase change scheduled at an epoch or at an optimizer step (at most one of them)."""
 
@@ -134,10 +109,11 @@ class QuantizationCallback(Callback):
     Phases (each change is logged):
 
     1. FP32 warmup for ``warmup_epochs`` epochs (or ``warmup_steps`` optimizer steps).
-    2. Fake quantization is inserted into every ``Conv1d/2d/3d`` and ``Linear`` layer, in place: weights on a
-       per-channel symmetric ``bits``-bit grid, layer inputs on a per-tensor asymmetric
-       ``activation_bits``-bit grid, with straight-through gradients. Parameters stay the same objects, so the
-       optimizer and its state carry on. The model's ``forward`` is not touched.
+    2. Fake quantization is inserted into every ``Conv1d/2d/3d`` and ``Linear`` layer the recipe quantizes, in
+       place (see :class:`~qat_lightning.nn.QuantizationRecipe` for its defaults: weights per-channel symmetric
+       at ``bits``, inputs per-tensor asymmetric, first and last layer at 8 bits, LSQ at <= 4 bits), with
+       straight-through gradients. Parameters stay the same objects, so the optimizer and its state carry on.
+       The model's ``forward`` is not touched.
     3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
     4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
     5. At fit end (``convert_on_fit_end``), on rank zero: the model is read out in integer form (BatchNorm
@@ -158,28 +134,23 @@ class QuantizationCallback(Callback):
     instead (``warmup_steps``, ``freeze_bn_step``, ``freeze_observers_step``) for short runs; in step mode a
     freeze happens only when its step is given.
 
+    With ``mode="ptq"`` there are no phases: the model trains in FP32 for the whole fit and, when training ends,
+    is fake-quantized and calibrated by :class:`~qat_lightning.callbacks.ptq.PostTrainingQuantization`.
+
     Args:
-        bits: weight bit width, 2..16.
-        activation_bits: bit width of layer inputs (``None``: same as the layer's weight bits, but 7 for 8-bit
-            layers, torch's x86 ``reduce_range`` default that keeps int8 kernels exact; ``0``: keep them float).
+        bits, activation_bits, exclude, first_last_bits, layer_bits, learned_scale, per_channel_weights,
+            activation_observer: the quantization recipe, as the fields of
+            :class:`~qat_lightning.nn.QuantizationRecipe` (same meaning, same defaults); or give ``recipe``.
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
         freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
         freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
-        exclude: glob patterns of layer names (as in ``model.named_modules()``) that stay float.
-        first_last_bits: bits of the first and last quantizable layer (8, the common practice of low-bit papers,
-            with 7-bit inputs; ``None``: like the other layers).
-        layer_bits: ``{glob pattern: bits}`` overrides by layer name, e.g. ``{"features.0": 8, "classifier.*": 8}``.
-        learned_scale: LSQ learned step sizes (``True``), observed ranges (``False``), or LSQ for quantizers at
-            4 bits or fewer (``None``, the default).
-        per_channel_weights: one weight scale per output channel (default) or per tensor.
-        activation_observer: ``"moving_average"``, ``"minmax"`` or ``"mse"`` (``None``: moving average for
-            QAT, MSE-searched clipping for PTQ).
         mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
             end calibrate observers on ``calibration_batches`` training batches (no gradient, BatchNorm in
             eval mode) and freeze them: the baseline QAT is compared against. Calibration runs the module's
-            ``predict_step(batch, batch_idx)``.
+            ``predict_step(batch, batch_idx)``; scales are observed (``learned_scale=True`` is an error) and
+            ``activation_observer=None`` means MSE-searched clipping.
         calibration_batches: batches observed in PTQ mode.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
         convert_on_fit_end: write the int8 files (and packed weights) when ``fit`` ends.
@@ -191,28 +162,35 @@ class QuantizationCallback(Callback):
             into the producing kernel (see ``qat_lightning.nn.input_sharing``; traced on
             the model's last call before fake quantization starts, a training or sanity-check validation step, else
             ``example_input_array``). ``False``: each layer rounds its own input.
+        recipe: the whole quantization recipe, instead of its keyword arguments above (any of them set to a value
+            other than its default is then an error).
+
+    Attributes:
+        recipe: the recipe the plan is made from (for PTQ: with observed scales and the calibration observer).
 
     Example::
 
         trainer = L.Trainer(max_epochs=20, callbacks=[QuantizationCallback(bits=4)])
+        recipe = QuantizationRecipe(bits=2, layer_bits={"classifier": 4})
+        trainer = L.Trainer(max_epochs=20, callbacks=[QuantizationCallback(recipe=recipe)])
     """
 
     def __init__(
         self,
-        bits: int = 4,
-        activation_bits: int | None = None,
+        bits: int = QuantizationRecipe.bits,
+        activation_bits: int | None = QuantizationRecipe.activation_bits,
         warmup_epochs: int = 1,
         freeze_bn_epoch: int | None = None,
         freeze_observers_epoch: int | None = None,
         warmup_steps: int | None = None,
         freeze_bn_step: int | None = None,
         freeze_observers_step: int | None = None,
-        exclude: Sequence[str] = (),
-        first_last_bits: int | None = 8,
+        exclude: Sequence[str] = QuantizationRecipe.exclude,
+        first_last_bits: int | None = QuantizationRecipe.first_last_bits,
         layer_bits: dict[str, int] | None = None,
-        learned_scale: bool | None = None,
-        per_channel_weights: bool = True,
-        activation_observer: ObserverName | None = None,
+        learned_scale: bool | None = QuantizationRecipe.learned_scale,
+        per_channel_weights: bool = QuantizationRecipe.per_channel_weights,
+        activation_observer: ObserverName | None = QuantizationRecipe.activation_observer,
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
         monitor: str = "val/acc",
@@ -221,16 +199,26 @@ class QuantizationCallback(Callback):
         formats: Sequence[str] = DEFAULT_FORMATS,
         agreement_batches: int = 100,
         share_inputs: bool = True,
+        recipe: QuantizationRecipe | None = None,
     ) -> None:
         if mode not in ("qat", "ptq"):
             raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
         _check_count(calibration_batches, "calibration_batches", optional=False)
         _check_count(agreement_batches, "agreement_batches", optional=False)
+        recipe = recipe_from_arguments(
+            recipe,
+            bits=bits,
+            activation_bits=activation_bits,
+            exclude=exclude,
+            first_last_bits=first_last_bits,
+            layer_bits={} if layer_bits is None else layer_bits,
+            learned_scale=learned_scale,
+            per_channel_weights=per_channel_weights,
+            activation_observer=activation_observer,
+        )
         self.mode = mode
-        self.calibration_batches = calibration_batches
-        self.bits = check_bits(bits)
-        if activation_bits is not None and activation_bits != 0:
-            check_bits(activation_bits, "activation_bits")
+        self._ptq = PostTrainingQuantization(recipe, calibration_batches) if mode == "ptq" else None
+        self.recipe = self._ptq.recipe if self._ptq is not None else recipe
         for name, value in {
             "warmup_epochs": warmup_epochs,
             "freeze_bn_epoch": freeze_bn_epoch,
@@ -259,15 +247,6 @@ class QuantizationCallback(Callback):
             )
         self._freeze_bn = _Event("freeze_bn", freeze_bn_epoch, freeze_bn_step)
         self._freeze_observers = _Event("freeze_observers", freeze_observers_epoch, freeze_observers_step)
-        self._plan_options: dict[str, Any] = {
-            "activation_bits": activation_bits,
-            "exclude": tuple(exclude),
-            "first_last_bits": first_last_bits,
-            "layer_bits": dict(layer_bits or {}),
-            "learned_scale": False if mode == "ptq" else learned_scale,
-            "per_channel_weights": per_channel_weights,
-            "activation_observer": activation_observer or ("mse" if mode == "ptq" else "moving_average"),
-        }
         self.monitor = monitor
         self.convert_on_fit_end = convert_on_fit_end
         self.convert_dir = convert_dir
@@ -300,6 +279,11 @@ class QuantizationCallback(Callback):
                 )
 
     @property
+    def bits(self) -> int:
+        """The recipe's weight bit width (layers it gives their own width excepted)."""
+        return self.recipe.bits
+
+    @property
     def phase(self) -> str:
         """``"fp32"``, ``"qat"``, ``"qat_bn_frozen"`` or ``"qat_frozen"`` (observers and BN frozen)."""
         if not self.quantized:
@@ -313,14 +297,14 @@ class QuantizationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_precision(str(trainer.precision))
         if is_prepared(pl_module):  # validate/test after fit, or fit again: the plan was already applied
-            if self.mode == "qat" and not self.quantized:  # a new callback: QAT goes on with the model's quantizers
+            if self._ptq is None and not self.quantized:  # a new callback: QAT goes on with the model's quantizers
                 self.quantized = True
                 self.observers_frozen = not any(q.observer_enabled for q in quantizers(pl_module))
                 rank_zero_info("QuantizationCallback: the model is already fake-quantized; its quantizers are kept.")
             return
-        self.plan = plan_quantization(pl_module, self.bits, **self._plan_options)
+        self.plan = plan_quantization(pl_module, recipe=self.recipe)
         if not self.plan:
-            exclude = self._plan_options["exclude"]
+            exclude = self.recipe.exclude
             raise ValueError(
                 f"QuantizationCallback found no layer to quantize in {type(pl_module).__name__}: it needs at "
                 "least one nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear"
@@ -402,12 +386,8 @@ class QuantizationCallback(Callback):
         def fmt(score: float | None) -> str:
             return "n/a" if score is None else f"{score:.4f}"
 
-        if self.mode == "ptq":
-            rank_zero_info(
-                f"QuantizationCallback summary: {self.monitor} FP32 {fmt(self.fp32_score)} (last validation); "
-                f"{self.bits}-bit PTQ validation accuracy {fmt(self.quantized_score)} (predict_step argmax vs "
-                "targets; run trainer.validate/test for every metric)"
-            )
+        if self._ptq is not None:
+            rank_zero_info(self._ptq.summary(self.monitor, self.fp32_score, self.quantized_score))
         else:
             rank_zero_info(
                 f"QuantizationCallback summary: {self.monitor} FP32 phase {fmt(self.fp32_score)}, "
@@ -434,7 +414,7 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ phase changes
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "ptq":
+        if self._ptq is not None:  # PTQ trains in float for the whole fit
             return
         epoch, step = trainer.current_epoch, trainer.global_step
         if not self.quantized and self._insert.due(epoch, step):
@@ -453,29 +433,14 @@ class QuantizationCallback(Callback):
             freeze_batchnorm_stats(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode != "ptq" or self.quantized:
+        if self._ptq is None or self.quantized:
             return
         self._insert_fake_quant(pl_module, reason="after FP32 training (PTQ)")
-        dataloader = trainer.train_dataloader
-
-        def forward(batch: Any, batch_idx: int) -> Any:
-            try:
-                return pl_module.predict_step(trainer.strategy.batch_to_device(batch), batch_idx)
-            except Exception as err:
-                raise RuntimeError(
-                    f"PTQ calibration runs `{type(pl_module).__name__}.predict_step(batch, batch_idx)` on training "
-                    "batches and it failed; implement `predict_step` so that it runs the model on your batch "
-                    "format (e.g. `return self(batch[0])` for `(input, target)` batches)."
-                ) from err
-
-        seen = calibrate(pl_module, dataloader, forward, self.calibration_batches)
+        self.quantized_score = self._ptq.calibrate(trainer, pl_module)
         self.observers_frozen = self.bn_frozen = True
-        rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
-        if trainer.val_dataloaders is not None:
-            self.quantized_score = _accuracy(pl_module, trainer.val_dataloaders, forward)
 
     def _insert_fake_quant(self, pl_module: torch.nn.Module, reason: str) -> None:
-        plan = self.plan or plan_quantization(pl_module, self.bits, **self._plan_options)
+        plan = self.plan or plan_quantization(pl_module, recipe=self.recipe)
         apply_plan(pl_module, plan)
         if self.share_inputs and not any(p.input_from for p in plan):
             plan = with_input_producers(plan, self._share_inputs(pl_module))

@@ -11,12 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from qat_lightning.callbacks._tensorboard import TensorBoardWriter, epoch_end_step
-from qat_lightning.callbacks.quantization import QuantizationCallback
 from qat_lightning.nn import FakeQuantizedLayer, is_quantizable, weight_channel_axis
 from qat_lightning.quant import FakeQuantizer, check_bits, weight_config
 from qat_lightning.quant.error import max_abs_error, sqnr_db
-
-DEFAULT_BITS = 8  # grid for float layers when no bit width is given and no QuantizationCallback is present
 
 
 class WeightQuantization(NamedTuple):
@@ -66,30 +63,23 @@ class WeightHistograms(Callback):
     - ``quant_error/<name>/sqnr_db``: signal-to-quantization-noise ratio of the weights in dB;
     - ``quant_error/<name>/max_abs``: the largest absolute weight error, in weight units.
 
-    Fake-quantized layers use their own weight quantizer; float layers (before or without QAT) are quantized
-    per-channel symmetric at ``bits`` (over output channels). Histograms need a ``TensorBoardLogger``; with other
-    loggers the callback warns once and logs only the scalars. Everything is logged at the step of the epoch's last
-    batch, like Lightning's own epoch metrics.
+    Fake-quantized layers use their own weight quantizer, so their grid is the one the model's plan gave them;
+    float layers (during the FP32 warmup, or without QAT) are quantized per-channel symmetric at ``bits``.
+    Histograms need a ``TensorBoardLogger``; with other loggers the callback warns once and logs only the
+    scalars. Everything is logged at the step of the epoch's last batch, like Lightning's own epoch metrics.
 
     Args:
-        bits: grid of float layers; ``None`` takes the trainer's ``QuantizationCallback`` bits, else 8.
+        bits: grid of float layers, 2..16 (set it to the QAT recipe's bits to see the warmup on that grid).
         every_n_epochs: log at the end of every n-th training epoch.
     """
 
-    def __init__(self, bits: int | None = None, every_n_epochs: int = 1) -> None:
-        if bits is not None:
-            check_bits(bits)
+    def __init__(self, bits: int = 8, every_n_epochs: int = 1) -> None:
+        check_bits(bits)
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs!r}.")
         self.bits = bits
         self.every_n_epochs = every_n_epochs
-        self._float_bits = bits or DEFAULT_BITS
         self._writer = TensorBoardWriter(type(self).__name__, "weight histograms")
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.bits is None:
-            qat = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizationCallback)), None)
-            self._float_bits = qat.bits if qat is not None else DEFAULT_BITS
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -101,7 +91,7 @@ class WeightHistograms(Callback):
             if not (isinstance(layer, FakeQuantizedLayer) or single_weight):
                 continue
             weight = layer.weight.detach()
-            grid = quantize_layer_weight(layer, self._float_bits)
+            grid = quantize_layer_weight(layer, self.bits)
             if writer is not None:
                 writer.add_histogram(f"weights/{name}/float", weight, step)
                 writer.add_histogram(f"weights/{name}/codes", grid.codes, step)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from qat_lightning.metrics import ClassAgreement
+
 
 @dataclass(frozen=True)
 class Fidelity:
@@ -48,8 +50,12 @@ class FidelityMeter:
     """Accumulates ``Fidelity`` over batches of reference and candidate logits."""
 
     def __init__(self) -> None:
-        self._same = self._classified = self._samples = self._ref_correct = self._correct = self._labelled = 0
+        self._samples = 0
         self._error_sq = self._reference_sq = 0.0
+        # Counted on this process only: conversions run on rank zero alone.
+        self._agreement, self._reference_accuracy, self._accuracy = (
+            ClassAgreement(sync_on_compute=False) for _ in range(3)
+        )
 
     def update(self, reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add one batch: ``reference`` and ``candidate`` logits of shape ``(N, ...)``, optional ``labels`` ``(N,)``."""
@@ -63,23 +69,20 @@ class FidelityMeter:
         self._samples += len(reference)
         if reference.dim() < 2:
             return
-        ref_class, cand_class = reference.argmax(dim=1), candidate.argmax(dim=1)
-        self._same += int((ref_class == cand_class).sum())
-        self._classified += len(ref_class)
-        if labels is not None and labels.shape == ref_class.shape:
-            labels = labels.cpu()
-            self._ref_correct += int((ref_class == labels).sum())
-            self._correct += int((cand_class == labels).sum())
-            self._labelled += len(labels)
+        self._agreement.update(candidate, reference)
+        if labels is not None and not labels.is_floating_point() and labels.shape == reference.argmax(dim=1).shape:
+            self._reference_accuracy.update(reference, labels.cpu())
+            self._accuracy.update(candidate, labels.cpu())
 
     def result(self) -> Fidelity:
         if self._samples == 0:
             raise ValueError("No batch was compared.")
         norm = math.sqrt(self._reference_sq)
+        labelled = self._accuracy.update_count > 0
         return Fidelity(
-            agreement=self._same / self._classified if self._classified else math.nan,
+            agreement=float(self._agreement.compute()) if self._agreement.update_count else math.nan,
             relative_error=math.sqrt(self._error_sq) / norm if norm else math.sqrt(self._error_sq),
             samples=self._samples,
-            reference_accuracy=self._ref_correct / self._labelled if self._labelled else None,
-            accuracy=self._correct / self._labelled if self._labelled else None,
+            reference_accuracy=float(self._reference_accuracy.compute()) if labelled else None,
+            accuracy=float(self._accuracy.compute()) if labelled else None,
         )

@@ -36,6 +36,7 @@ from qat_lightning.nn.prepare import (
     unsupported_layers,
     with_input_producers,
 )
+from qat_lightning.nn.recipe import QuantizationRecipe
 from qat_lightning.nn.snapshot import float_snapshot, quantized_snapshot
 from qat_lightning.nn.weight_norm import (
     apply_weight_norm,
@@ -58,6 +59,7 @@ __all__ = [
     "FakeQuantizedMultiheadAttention",
     "FloatLayer",
     "LayerPlan",
+    "QuantizationRecipe",
     "apply_plan",
     "apply_weight_norm",
     "fake_quantize_layer",

@@ -20,7 +20,8 @@ from qat_lightning.nn.fake_quantized import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import share_input_quantizers, unshare_input_quantizers
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config, check_bits, weight_config
+from qat_lightning.nn.recipe import QuantizationRecipe, recipe_from_arguments
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 from qat_lightning.quant.config import ObserverName
 
 _NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -60,10 +61,8 @@ def _resolve_bits(
     """Bit width of each layer: ``bits``, then ``first_last_bits`` for the first and last, then overrides."""
     resolved = dict.fromkeys(names, bits)
     if first_last_bits is not None and names:
-        check_bits(first_last_bits, "first_last_bits")
         resolved[names[0]] = resolved[names[-1]] = first_last_bits
     for pattern, value in layer_bits.items():
-        check_bits(value, f"layer_bits[{pattern!r}]")
         matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
@@ -85,16 +84,17 @@ def _input_bits(weight_bits: int) -> int:
 
 def plan_quantization(
     model: nn.Module,
-    bits: int,
-    activation_bits: int | None = None,
-    exclude: Sequence[str] = (),
+    bits: int = QuantizationRecipe.bits,
+    activation_bits: int | None = QuantizationRecipe.activation_bits,
+    exclude: Sequence[str] = QuantizationRecipe.exclude,
     *,
-    first_last_bits: int | None = None,
+    first_last_bits: int | None = QuantizationRecipe.first_last_bits,
     layer_bits: Mapping[str, int] | None = None,
-    learned_scale: bool | None = False,
-    per_channel_weights: bool = True,
-    weight_observer: ObserverName = "moving_average",
-    activation_observer: ObserverName = "moving_average",
+    learned_scale: bool | None = QuantizationRecipe.learned_scale,
+    per_channel_weights: bool = QuantizationRecipe.per_channel_weights,
+    weight_observer: ObserverName = QuantizationRecipe.weight_observer,
+    activation_observer: ObserverName | None = QuantizationRecipe.activation_observer,
+    recipe: QuantizationRecipe | None = None,
 ) -> list[LayerPlan]:
     """One ``LayerPlan`` per quantizable layer of ``model`` not matched by an ``exclude`` glob pattern.
 
@@ -102,30 +102,33 @@ def plan_quantization(
     projections and inputs, see ``FakeQuantizedMultiheadAttention``). ``float_layers`` lists, with the reason,
     every layer with weights that the plan leaves float.
 
-    Args:
-        bits: weight bit width of every layer unless overridden.
-        activation_bits: input bit width (``None``: the layer's weight bits, 7 for 8-bit layers as in torch's x86
-            default; ``0``: inputs stay float).
-        exclude: glob patterns of layer names that stay float.
-        first_last_bits: bit width of the first and the last quantizable layer (module definition order),
-            weights and inputs; ``None`` treats them like the others.
-        layer_bits: ``{glob pattern: bits}`` overrides (weights and inputs), applied last; a pattern that
-            matches no layer is an error.
-        learned_scale: LSQ scales for every quantizer (``True``), none (``False``), or those at 4 bits or
-            fewer (``None``).
-        per_channel_weights: one weight scale per output channel (else one per tensor).
-        weight_observer, activation_observer: observer names (see ``QuantizerConfig``).
-
+    The plan follows ``recipe`` or, without one, the recipe the keyword arguments describe: they are the fields
+    of :class:`~qat_lightning.nn.QuantizationRecipe`, with its defaults (first and last layer at 8 bits, LSQ at
+    4 bits or fewer); give one or the other. ``activation_observer=None`` is a moving average (a training plan).
     Weights get symmetric quantizers (per channel along the output channels: axis 1 of a ConvTranspose weight),
     inputs per-tensor asymmetric ones.
-    """
-    check_bits(bits)
-    layers = [(n, m) for n, m in model.named_modules() if is_quantizable(m) and _matching_pattern(n, exclude) is None]
-    resolved = _resolve_bits([n for n, _ in layers], bits, first_last_bits, dict(layer_bits or {}))
-    overridden = {n for n, b in resolved.items() if b != bits}
 
-    def learned(b: int) -> bool:
-        return b <= 4 if learned_scale is None else learned_scale
+    Raises:
+        ValueError: for an invalid recipe (naming the argument), or a ``layer_bits`` pattern that matches no layer.
+    """
+    recipe = recipe_from_arguments(
+        recipe,
+        bits=bits,
+        activation_bits=activation_bits,
+        exclude=exclude,
+        first_last_bits=first_last_bits,
+        layer_bits={} if layer_bits is None else layer_bits,
+        learned_scale=learned_scale,
+        per_channel_weights=per_channel_weights,
+        weight_observer=weight_observer,
+        activation_observer=activation_observer,
+    )
+    layers = [
+        (n, m) for n, m in model.named_modules() if is_quantizable(m) and _matching_pattern(n, recipe.exclude) is None
+    ]
+    resolved = _resolve_bits([n for n, _ in layers], recipe.bits, recipe.first_last_bits, recipe.layer_bits)
+    overridden = {n for n, b in resolved.items() if b != recipe.bits}
+    activation_bits = recipe.activation_bits
 
     plan = []
     for name, module in layers:
@@ -135,13 +138,8 @@ def plan_quantization(
             LayerPlan(
                 name=name,
                 layer_type=type(module).__name__,
-                weight=dataclasses.replace(
-                    weight_config(w_bits, learned(w_bits), per_channel_weights, weight_observer),
-                    channel_axis=weight_channel_axis(module),
-                ),
-                activation=activation_config(a_bits, learned(a_bits), activation_observer)
-                if a_bits and activation_bits != 0
-                else None,
+                weight=dataclasses.replace(recipe.weight_config(w_bits), channel_axis=weight_channel_axis(module)),
+                activation=recipe.input_config(a_bits) if a_bits and activation_bits != 0 else None,
             )
         )
     return plan

@@ -118,7 +118,8 @@ def quantized_snapshot(
             "`calibration_inputs` is empty: the input ranges of a float model at "
             f"{bits} bits need at least one batch; pass some inputs or set `quantize_activations=False`."
         )
-    plan = plan_quantization(snapshot, bits, activation_bits=bits if quantize_activations else 0)
+    activation_bits = bits if quantize_activations else 0
+    plan = plan_quantization(snapshot, bits, activation_bits, first_last_bits=None, learned_scale=False)
     apply_plan(snapshot, _ptq_plan(plan, per_channel))
     _calibrate(snapshot, calibration_inputs, forward or _call)
     return snapshot

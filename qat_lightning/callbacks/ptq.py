@@ -1,0 +1,98 @@
+"""``PostTrainingQuantization``: what ``QuantizationCallback(mode="ptq")`` does when float training ends."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from qat_lightning.calibration import calibrate
+from qat_lightning.metrics import ClassAgreement
+from qat_lightning.nn import QuantizationRecipe
+
+
+class PostTrainingQuantization:
+    """Calibrates the quantizers of a model trained in float: the baseline QAT is measured against.
+
+    ``QuantizationCallback(mode="ptq")`` trains in FP32 for the whole fit, fake-quantizes the model with
+    :attr:`recipe` when training ends and calls :meth:`calibrate`: every quantizer observes
+    ``calibration_batches`` training batches (no gradient, BatchNorm in eval mode) through the module's
+    ``predict_step(batch, batch_idx)`` and is frozen; the model is then scored on the validation data.
+
+    Args:
+        recipe: the quantization recipe. Calibration learns nothing, so its scales are observed ranges
+            (``learned_scale`` ``None`` or ``False``; ``True`` is an error) and ``activation_observer=None``
+            means MSE-searched clipping of the inputs.
+        calibration_batches: training batches observed.
+    """
+
+    def __init__(self, recipe: QuantizationRecipe, calibration_batches: int) -> None:
+        if recipe.learned_scale:
+            raise ValueError(
+                "`learned_scale`=True needs training, but mode='ptq' only calibrates observed ranges after it; "
+                "use learned_scale=None or False, or mode='qat'."
+            )
+        self.recipe = dataclasses.replace(
+            recipe, learned_scale=False, activation_observer=recipe.activation_observer or "mse"
+        )
+        self.calibration_batches = calibration_batches
+
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """Observe the training batches with every quantizer of the fake-quantized ``pl_module``, then freeze them.
+
+        Returns:
+            The top-1 accuracy of ``predict_step`` on the validation batches, or ``None`` without validation data
+            of the form ``(input, target)`` with predictions matching the targets.
+        """
+
+        def predict(batch: Any, batch_idx: int) -> torch.Tensor:
+            try:
+                return pl_module.predict_step(trainer.strategy.batch_to_device(batch), batch_idx)
+            except Exception as err:
+                raise RuntimeError(
+                    f"PTQ calibration runs `{type(pl_module).__name__}.predict_step(batch, batch_idx)` on training "
+                    "batches and it failed; implement `predict_step` so that it runs the model on your batch "
+                    "format (e.g. `return self(batch[0])` for `(input, target)` batches)."
+                ) from err
+
+        seen = calibrate(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
+        rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
+        if trainer.val_dataloaders is None:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            return _accuracy(trainer.val_dataloaders, predict)
+        finally:
+            pl_module.train(was_training)
+
+    def summary(self, monitor: str, fp32_score: float | None, quantized_score: float | None) -> str:
+        """The fit-end line: the last FP32 validation ``monitor`` and the PTQ model's validation accuracy."""
+        return (
+            f"QuantizationCallback summary: {monitor} FP32 {_format(fp32_score)} (last validation); "
+            f"{self.recipe.bits}-bit PTQ validation accuracy {_format(quantized_score)} (predict_step vs targets; "
+            "run trainer.validate/test for every metric)"
+        )
+
+
+def _format(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.4f}"
+
+
+@torch.no_grad()
+def _accuracy(dataloader: Any, predict: Any) -> float | None:
+    accuracy: ClassAgreement | None = None
+    for batch_idx, batch in enumerate(dataloader):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return None
+        predictions = predict(batch, batch_idx)
+        if accuracy is None:
+            accuracy = ClassAgreement().to(predictions.device)
+        try:
+            accuracy.update(predictions, batch[1])
+        except ValueError:  # not class predictions for these targets (e.g. a regression model): no accuracy
+            return None
+    return None if accuracy is None else float(accuracy.compute())
