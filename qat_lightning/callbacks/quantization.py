@@ -310,7 +310,7 @@ class QuantizationCallback(Callback):
                 "least one nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear"
                 + (f" not matched by `exclude`={list(exclude)}." if exclude else ".")
             )
-        self.float_layers = float_layers(pl_module, self.plan, self._plan_options["exclude"])
+        self.float_layers = float_layers(pl_module, self.plan, self.recipe.exclude)
         rank_zero_info(f"QuantizationCallback plan ({self.mode}):\n{format_plan(self.plan, self.float_layers)}")
         # Checkpoints saved during QAT hold quantizer state: rebuild that structure before they load.
         pl_module.register_load_state_dict_pre_hook(self._prepare_for_state_dict)
