@@ -236,7 +236,7 @@ def test_optional_backends_convert_attention_and_conv_transpose(fmt, tmp_path):
 def test_format_plan_shows_the_new_layers_and_every_float_layer_with_its_reason():
     model = AttentionDecoder()
     exclude = ["head"]
-    plan = plan_quantization(model, 4, exclude=exclude, first_last_bits=8)
+    plan = plan_quantization(model, 4, exclude=exclude, first_last_bits=8, learned_scale=False)
     floats = float_layers(model, plan, exclude)
     assert floats == [
         FloatLayer("position", "Embedding", EMBEDDING_REASON),
@@ -258,7 +258,7 @@ def test_format_plan_shows_the_new_layers_and_every_float_layer_with_its_reason(
 
 def test_plan_lists_other_weight_layers_as_unsupported_types():
     model = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4), nn.PReLU(), nn.BatchNorm1d(4), nn.LayerNorm(4))
-    plan = plan_quantization(model, 4)
+    plan = plan_quantization(model, 4, first_last_bits=None, learned_scale=False)
     assert [p.name for p in plan] == ["0"]
     assert float_layers(model, plan) == [
         FloatLayer("1", "LSTM", "unsupported type `LSTM`"),
@@ -293,7 +293,7 @@ ATTENTION_OPTIONS = [
 def test_attention_with_rounding_off_computes_what_torch_computes(options, batched):
     stock = nn.MultiheadAttention(8, 2, **options).eval()
     attention = copy.deepcopy(stock)
-    apply_plan(attention, plan_quantization(attention, 4))
+    apply_plan(attention, plan_quantization(attention, 4, first_last_bits=None, learned_scale=False))
     for quantizer in quantizers(attention):
         quantizer.fake_quant_enabled = False
     kdim, vdim = options.get("kdim", 8), options.get("vdim", 8)
@@ -328,7 +328,7 @@ def test_attention_rounds_inputs_weights_and_the_out_projection_input():
     """Against torch's own attention on NumPy-rounded inputs and weights, with the attention output (before the
     out-projection, read with an identity out-projection) rounded by NumPy on the out_proj input grid."""
     attention = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
-    apply_plan(attention, plan_quantization(attention, 4))
+    apply_plan(attention, plan_quantization(attention, 4, first_last_bits=None, learned_scale=False))
     query, memory = torch.randn(4, 5, 8), torch.randn(4, 7, 6)
     with torch.no_grad():
         attention.train()(query, memory, memory)  # observe (no dropout: p=0)
@@ -391,7 +391,7 @@ def test_learned_scales_of_attention_get_gradients():
 )
 def test_conv_transpose_with_rounding_off_is_the_float_layer(layer):
     stock = copy.deepcopy(layer)
-    apply_plan(layer, plan_quantization(layer, 4))
+    apply_plan(layer, plan_quantization(layer, 4, first_last_bits=None, learned_scale=False))
     for quantizer in quantizers(layer):
         quantizer.fake_quant_enabled = False
     spatial = len(layer.kernel_size)
@@ -413,7 +413,7 @@ def test_per_channel_config_on_the_wrong_axis_is_refused():
 def test_attention_state_dict_rebuilds_the_structure_and_restore_float_undoes_it(options):
     model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, **options))
     float_keys = set(model.state_dict())
-    apply_plan(model, plan_quantization(model, 4))
+    apply_plan(model, plan_quantization(model, 4, first_last_bits=None, learned_scale=False))
     with torch.no_grad():
         model.train()[1](
             torch.randn(5, 2, 8), torch.randn(3, 2, options.get("kdim", 8)), torch.randn(3, 2, options.get("vdim", 8))
@@ -443,7 +443,7 @@ def test_transformer_encoder_runs_its_fake_quantized_layers_in_eval_mode_without
     """torch's fused encoder kernel reads the float weights; a prepared encoder must not take it."""
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
     float_encoder = copy.deepcopy(encoder).eval()
-    apply_plan(encoder, plan_quantization(encoder, 4))
+    apply_plan(encoder, plan_quantization(encoder, 4, first_last_bits=None, learned_scale=False))
     x, padding = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
     padding[:, -1] = True  # a padding mask is what sends the float encoder down its nested-tensor path
     encoder.train()(x, src_key_padding_mask=padding)
