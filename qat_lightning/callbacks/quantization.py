@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from qat_lightning.callbacks.optimizers import give_parameters_own_group
 from qat_lightning.callbacks.ptq import PostTrainingQuantization
 from qat_lightning.convert.backends import DEFAULT_FORMATS, check_formats
-from qat_lightning.convert.from_trainer import convert_from_trainer
+from qat_lightning.convert.from_trainer import convert_from_trainer, example_array_inputs
 from qat_lightning.nn import (
     FloatLayer,
     LayerPlan,
@@ -463,9 +463,9 @@ class QuantizationCallback(Callback):
             self._call_recorder.remove()
             self._call_recorder = None
         call, self._last_call = self._last_call, None
-        if call is None and getattr(pl_module, "example_input_array", None) is not None:
-            example = pl_module.example_input_array
-            call = (tuple(example) if isinstance(example, (tuple, list)) else (example,), {})
+        example = example_array_inputs(pl_module) if call is None else None
+        if example is not None:
+            call = (example, {})
         if call is None:
             rank_zero_info(
                 "QuantizationCallback: the model was not called before fake quantization started, so each layer "

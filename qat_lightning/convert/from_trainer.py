@@ -56,10 +56,18 @@ def _validation_batches(trainer: pl.Trainer, count: int) -> Iterator[Batch]:
         yield model_inputs(batch), _labels(batch)
 
 
+def example_array_inputs(pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...] | None:
+    """``pl_module.example_input_array`` as positional inputs (a tuple or list is several), ``None`` if unset."""
+    example = getattr(pl_module, "example_input_array", None)
+    if example is None:
+        return None
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
 def _example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, ...]:
-    example = pl_module.example_input_array
+    example = example_array_inputs(pl_module)
     if example is not None:
-        return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        return example
     for loader in _loaders(trainer.train_dataloader) + _loaders(trainer.val_dataloaders):
         for batch in loader:
             return model_inputs(batch)

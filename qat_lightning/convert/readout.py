@@ -146,12 +146,17 @@ def read_layer(name: str, layer: FakeQuantizedLayer) -> IntegerLayer:
     return IntegerLayer(name, codes.to(dtype), scale, wq.config.bits, grid, axis=axis, input_at=producer)
 
 
-class FrozenInputGrid(nn.Module):
-    """A trained per-tensor input quantizer as plain ATen arithmetic (exportable, same rounding as training).
+def plain_fake_quantize(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """Per-tensor fake quantization in 4 plain ATen ops, the numbers of the fake-quant kernel and of the PT2E
+    ``quantize -> dequantize`` pair: ``(clamp(round(x * (1 / s)) + zp, qmin, qmax) - zp) * s`` equals
+    ``clamp(round(x * (1 / s)), qmin - zp, qmax - zp) * s`` (integer-valued floats: adding and removing ``zp`` is
+    exact)."""
+    return torch.clamp(torch.round(x * (1.0 / scale)), quant_min - zero_point, quant_max - zero_point) * scale
 
-    ``(clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max) - zero_point) * scale``, as the
-    fake-quant kernel computes it; used for layers that stay float so that they still see their trained grid.
-    """
+
+class FrozenInputGrid(nn.Module):
+    """A trained per-tensor input quantizer as plain ATen arithmetic (exportable, same rounding as training,
+    ``plain_fake_quantize``); used for layers that stay float so that they still see their trained grid."""
 
     def __init__(self, grid: InputGrid) -> None:
         super().__init__()
@@ -159,8 +164,7 @@ class FrozenInputGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.grid
-        q = torch.clamp(torch.round(x * (1.0 / g.scale)) + g.zero_point, g.quant_min, g.quant_max)
-        return (q - g.zero_point) * g.scale
+        return plain_fake_quantize(x, g.scale, g.zero_point, g.quant_min, g.quant_max)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.convert.export import export_program
-from qat_lightning.convert.readout import InputGrid, IntegerModel
+from qat_lightning.convert.readout import InputGrid, IntegerModel, plain_fake_quantize
 from qat_lightning.nn.fake_quantized import conv_transpose
 from qat_lightning.quant.primitives import broadcast_along
 
@@ -32,13 +32,6 @@ def qdq_ops():  # type: ignore[no-untyped-def]
     import torchao.quantization.pt2e  # noqa: F401 - registers the quantized_decomposed ops
 
     return torch.ops.quantized_decomposed
-
-
-def _fake_quantize_aten(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
-    """The PT2E ``quantize -> dequantize`` pair in float ATen, the same numbers in 4 ops instead of 8:
-    ``(clamp(round(x * (1 / s)) + zp, qmin, qmax) - zp) * s == clamp(round(x * (1 / s)), qmin - zp, qmax - zp) * s``
-    (integer-valued floats: adding and removing ``zp`` is exact)."""
-    return torch.clamp(torch.round(x * (1.0 / scale)), quant_min - zero_point, quant_max - zero_point) * scale
 
 
 class QuantizeDequantize(nn.Module):
@@ -67,7 +60,7 @@ class QuantizeDequantize(nn.Module):
         if self.clip is not None:
             x = torch.clamp(x, *self.clip)
         if self.plain_aten:
-            return _fake_quantize_aten(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+            return plain_fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
         args = (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
         ops = qdq_ops()
         return ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
