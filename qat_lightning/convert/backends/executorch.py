@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.convert.fidelity import relative_error
@@ -38,7 +39,6 @@ from qat_lightning.convert.reference import (
     ReferenceSource,
     qdq_ops,
     reference_module,
-    with_dequantize_per_reader,
     with_float_weights,
 )
 
@@ -48,6 +48,7 @@ LOAD_HINT = "executorch.runtime.Runtime.get().load_program('{path}')"  # how a u
 log = logging.getLogger(__name__)
 MAX_RELATIVE_ERROR = 0.01  # of the file's output against the reference program on the example inputs
 INT8_RELATIVE_ERROR = 0.005  # the int8 kernels are kept within this, else every layer runs as a float kernel
+BIAS_ROUNDING_BUDGET = 0.0025  # of INT8_RELATIVE_ERROR, what the int8 layers' bias rounding may take (simulated)
 MIN_MAX_BATCH = 64  # the .pte runs any batch up to max(MIN_MAX_BATCH, example batch)
 
 _aten = torch.ops.aten
@@ -161,7 +162,26 @@ def _export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torc
         program = torch.export.export(module, inputs, dynamic_shapes=shapes)
     except Exception:  # noqa: BLE001 - a model that needs a fixed batch takes the example batch only
         program = torch.export.export(module, example_inputs)
-    return with_dequantize_per_reader(program)
+    return _dequantize_per_reader(program)
+
+
+def _dequantize_per_reader(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` (changed in place) with each per-tensor dequantize read by several ops copied for each reader.
+
+    A tensor rounded where it is made (a shared input grid) is one ``quantize -> dequantize`` read by, say, an int8
+    convolution and a float residual add; XNNPACK takes a dequantize inside an int8 kernel's pattern as that
+    kernel's int8 input, so a float reader needs its own (torchao's ``DuplicateDQPass`` copies only for readers
+    that carry a quantization annotation, which this program has none of).
+    """
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.target == qdq_ops().dequantize_per_tensor.default and len(node.users) > 1:
+            for user in list(node.users)[1:]:
+                with graph.inserting_after(node):
+                    copy = graph.node_copy(node)
+                user.replace_input_with(node, copy)
+    program.graph_module.recompile()
+    return program
 
 
 def _reference_module(source: ReferenceSource) -> nn.Module:
@@ -175,16 +195,46 @@ def _reference_module(source: ReferenceSource) -> nn.Module:
     return module
 
 
+class _Conv1dAs2d(nn.Module):
+    """Mixin for a float-kernel ``Conv1d`` of the lowering module: the same convolution written as a 2-D one over a
+    trailing axis of size 1, its weight stored 4-D (``float_weight``, ``(C_out, C_in / groups, K, 1)``).
+
+    XNNPACK rewrites every 1-D convolution into a 2-D one itself and, doing so, takes a dequantized input as an int8
+    input, which fails without int8 weights ("Weight and Input should both be quantized"); a 2-D convolution of a
+    dequantized input runs as a float kernel, as the other float layers do.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        conv: nn.Conv1d = self  # type: ignore[assignment]
+        padding: str | tuple[int, ...] = conv.padding if isinstance(conv.padding, str) else (*conv.padding, 0)
+        if conv.padding_mode != "zeros":
+            input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = (0, 0)
+        stride, dilation = (*conv.stride, 1), (*conv.dilation, 1)
+        return F.conv2d(input.unsqueeze(-1), weight, bias, stride, padding, dilation, conv.groups).squeeze(-1)
+
+
+def _lowering_module(source: ReferenceSource, int8: list[str]) -> nn.Module:
+    """The folded reference module with ``int8`` on int8 weights (finest codes, see ``_finest_codes``) and its other
+    integer layers on float weights (the same numbers), float ``Conv1d`` layers written as 2-D ones."""
+    module = _reference_module(source)
+    floats = [n for n in source.folded().layers if n not in int8]
+    with_float_weights(module, floats)
+    for name in floats:
+        layer = module.get_submodule(name)
+        if isinstance(layer, nn.Conv1d):
+            layer.float_weight = layer.float_weight.unsqueeze(-1)
+            cls = type(layer)
+            layer.__class__ = type(f"As2d{cls.__name__}", (_Conv1dAs2d, cls), {"__module__": __name__})
+    return _finest_codes(module, int8)
+
+
 def _lower(source: ReferenceSource, int8: list[str]) -> bytes:
     """The ``.pte`` bytes of ``source`` with ``int8`` on XNNPACK's int8 kernels and its other layers on float ones."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    integer = source.folded()
-    module = _reference_module(source)
-    with_float_weights(module, [n for n in integer.layers if n not in int8])
-    _finest_codes(module, int8)
-    program = _export(module, source.example_inputs)
+    program = _export(_lowering_module(source, int8), source.example_inputs)
     _insert_output_quantize(program, int8)
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
 
@@ -193,29 +243,70 @@ def _relative_error(program: bytes, inputs: tuple[torch.Tensor, ...], expected: 
     return relative_error(_runner(program)(*inputs), expected)
 
 
+@torch.no_grad()
+def _bias_rounding_tolerated(source: ReferenceSource, candidates: list[str]) -> list[str]:
+    """The ``candidates`` whose int32 bias rounding moves the output by at most ``BIAS_ROUNDING_BUDGET`` together.
+
+    XNNPACK stores an int8 layer's bias as ``round(bias / (input scale * weight scale))``, a rounding QAT never
+    made. It is simulated here in eager mode on the example inputs (the lowering module with those biases rounded,
+    against the same module unrounded): first each layer alone, then the layers, least disturbing first, added one
+    by one while the output of them all together stays within the budget.
+    """
+    module = _lowering_module(source, candidates)
+    integer = source.folded()
+    exact, rounded = {}, {}
+    for name in candidates:
+        layer = module.get_submodule(name)
+        if layer.bias is not None:
+            unit = layer.weight_scale.double() * integer.layers[name].input.scale  # type: ignore[union-attr]
+            exact[name] = layer.bias.detach().clone()
+            rounded[name] = (torch.round(exact[name].double() / unit) * unit).float()
+    expected = module(*source.example_inputs)
+
+    def error(layers: list[str]) -> float:
+        for name in exact:
+            module.get_submodule(name).bias.copy_(rounded[name] if name in layers else exact[name])
+        return relative_error(module(*source.example_inputs), expected)
+
+    alone = {name: error([name]) if name in exact else 0.0 for name in candidates}
+    chosen: list[str] = []
+    for name in sorted(candidates, key=alone.__getitem__):
+        if alone[name] <= BIAS_ROUNDING_BUDGET and error([*chosen, name]) <= BIAS_ROUNDING_BUDGET:
+            chosen.append(name)
+    return [name for name in candidates if name in chosen]
+
+
 def lowered_program(source: ReferenceSource) -> tuple[bytes, list[str], float]:
     """The ``.pte`` bytes, the layers XNNPACK runs on int8, and the relative error on the example inputs.
 
-    The int8 candidates are tried first and kept if they stay within ``INT8_RELATIVE_ERROR`` of the reference;
-    otherwise every layer runs as a float kernel.
+    The int8 candidates whose bias rounding the output tolerates (``_bias_rounding_tolerated``) are tried first
+    and kept if the program stays within ``INT8_RELATIVE_ERROR`` of the reference; otherwise every layer runs as
+    a float kernel.
     """
     reference = _export(_reference_module(source), source.example_inputs)
     with torch.no_grad():
         expected = reference.module()(*source.example_inputs)
     candidates = _int8_outputs(reference)
-    if candidates:
+    int8 = _bias_rounding_tolerated(source, candidates) if candidates else []
+    if len(int8) < len(candidates):
+        log.info(
+            "executorch: %s stay float kernels: XNNPACK's int32 bias rounding on them would move the output by more "
+            "than %.4f",
+            [n for n in candidates if n not in int8],
+            BIAS_ROUNDING_BUDGET,
+        )
+    if int8:
         try:
-            program = _lower(source, candidates)
-        except RuntimeError as error:  # XNNPACK refuses some mixes of int8 and float kernels around shared grids
-            log.info("executorch: XNNPACK cannot lower %s on int8 kernels (%s); float ones instead", candidates, error)
+            program = _lower(source, int8)
+        except RuntimeError as error:  # a mix of int8 and float kernels XNNPACK does not take
+            log.info("executorch: XNNPACK cannot lower %s on int8 kernels (%s); float ones instead", int8, error)
         else:
             error = _relative_error(program, source.example_inputs, expected)
             if error <= INT8_RELATIVE_ERROR:
-                return program, candidates, error
+                return program, int8, error
             log.info(
-                "executorch: int8 kernels for %s differ by %.4f from the reference (their int32 bias rounding); "
-                "every layer runs as a float kernel",
-                candidates,
+                "executorch: int8 kernels for %s differ by %.4f from the reference; every layer runs as a float kernel",
+                int8,
                 error,
             )
     program = _lower(source, [])
@@ -236,9 +327,11 @@ def write(source: ReferenceSource, path: Path) -> None:
 def _runner(program: Path | bytes) -> Callable[..., torch.Tensor]:
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(program).load_method("forward")
+    loaded = Runtime.get().load_program(program)  # holds the bytes and the program the method runs in
+    method = loaded.load_method("forward")
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
+        assert loaded is not None  # the closure keeps the program alive: a method outliving it crashes
         return method.execute([x.contiguous() for x in inputs])[0].clone()
 
     return run
