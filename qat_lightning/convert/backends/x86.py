@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from qat_lightning.convert.export import export_program
@@ -31,6 +33,7 @@ FILE_NAME = "{name}_x86.pt2"
 LOAD_HINT = "torch._inductor.aoti_load_package('{path}')"  # how a user runs the file, shown at fit end
 TESTED_TORCH = ((2, 6), (2, 14))  # oldest and newest (major, minor) checked
 MAX_RELATIVE_ERROR = 0.01  # of the package's output against the program's on the example inputs
+_FLOAT_KERNEL_TYPES = (_ConvTransposeNd, nn.Conv1d)  # see _program
 
 
 def _torch_version() -> tuple[int, int]:
@@ -66,14 +69,22 @@ def write(source: ReferenceSource, path: Path) -> None:
 
 
 def _program(source: ReferenceSource) -> torch.export.ExportedProgram:
-    """The folded uint8 reference program, with float weights (the same numbers) for transposed convolutions:
-    inductor's int8 fusion takes ``dequantize -> conv_transpose`` for an ordinary convolution and fails (torch 2.14).
+    """The folded uint8 reference program, with float weights (the same numbers) for the layers inductor's int8
+    fusion gets wrong in torch 2.14, each named in a warning: it takes ``dequantize -> conv_transpose`` for an
+    ordinary convolution and fails, and it pads a 1-D convolution along a second spatial axis (a ``Conv1d`` of
+    length ``L`` and padding ``p`` comes out ``L + 2p`` long). Those layers run as float kernels on their trained
+    input grids.
     """
     integer = source.folded()
-    transposed = [n for n in integer.layers if isinstance(integer.model.get_submodule(n), _ConvTransposeNd)]
-    if not transposed:
+    floats = [n for n in integer.layers if isinstance(integer.model.get_submodule(n), _FLOAT_KERNEL_TYPES)]
+    if not floats:
         return source.program(torch.uint8, fold_batchnorm=True)
-    module = with_float_weights(reference_module(integer, torch.uint8), transposed)
+    for name in floats:
+        rank_zero_warn(
+            f"x86: layer `{name}` ({type(integer.model.get_submodule(name)).__name__}) runs as a float kernel on its "
+            "trained input grid (inductor's int8 fusion computes it wrongly in this torch)."
+        )
+    module = with_float_weights(reference_module(integer, torch.uint8), floats)
     return export_program(module, source.example_inputs)
 
 
