@@ -5,6 +5,7 @@ from a checkpoint."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -231,6 +232,35 @@ def test_optional_backends_convert_attention_and_conv_transpose(fmt, tmp_path):
     result = convert_model(net.eval(), (x[:4],), tmp_path, formats=[fmt], packed=False, check_batches=[((x,), None)])
     assert result.failed == {} and result.paths[fmt].stat().st_size > 0
     assert result.fidelity[fmt].relative_error < 1e-5 and result.fidelity[fmt].agreement == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["executorch", "x86"])
+def test_optional_backends_convert_conv1d_into_conv_transpose1d_and_the_file_reads_back(fmt, tmp_path):
+    """A Conv1d feeding a ConvTranspose1d converts; the file, loaded back, computes the fake-quant model on a batch
+    the conversion never saw. x86 runs both as float kernels on their trained grids and names them."""
+    if backend(fmt).requirement() is not None:
+        pytest.skip(backend(fmt).requirement())
+    torch.manual_seed(0)
+    net = SequenceDecoder()
+    apply_plan(net, plan_quantization(net, 4, first_last_bits=8))
+    with torch.no_grad():
+        for _ in range(3):
+            net.train()(torch.randn(16, 2, 8))
+    x = torch.randn(6, 2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = convert_model(net.eval(), (x[:4],), tmp_path, formats=[fmt], packed=False)
+    assert result.failed == {}
+    messages = [str(w.message) for w in caught]
+    if fmt == "x86":
+        for name, kind in (("conv", "Conv1d"), ("deconv", "ConvTranspose1d")):
+            assert any(f"layer `{name}` ({kind}) runs as a float kernel" in m for m in messages), messages
+    run = backend(fmt).load(result.paths[fmt])
+    y = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        expected = net(y)
+    got = run(y)
+    assert (got - expected).norm() / expected.norm() < 1e-5 and torch.equal(got.argmax(1), expected.argmax(1))
 
 
 def test_format_plan_shows_the_new_layers_and_every_float_layer_with_its_reason():

@@ -11,12 +11,22 @@ the logits) keeps its input rounded to its trained grid but runs as an XNNPACK f
 ``codes * scale``, so the file computes what the fake-quant model computed, layer for layer; those layers are
 stored as float32, the int8 ones as int8 codes.
 
+A tensor rounded once where it is made and read by several ops (a residual skip and the next block's first
+convolution) gets one dequantize per reader, so that an int8 convolution reads it as int8 while the float residual
+add reads it as float. The add itself stays float: one of its inputs, the block's last convolution, was never
+rounded in QAT. On a ResNet the first convolution of each block (and the stem) can thus run on int8.
+
 One difference stays on the int8 layers: XNNPACK rounds the float bias to ``input scale * weight scale`` (int32).
 Codes narrower than 8 bits are shifted left into the int8 range (scale divided by the same power of two: the same
 weights) to make that step finer, but on 8-bit weights a network can be sensitive enough for it to move the logits
-by a percent (a randomly initialised ResNet-20 is). So the int8 layers are kept only if the program stays within
-``INT8_RELATIVE_ERROR`` of the reference program on the example inputs; otherwise every layer runs as a float
-kernel on its trained input grid. The log says which layers run on int8.
+by a percent per layer (a randomly initialised ResNet-20 with randomised BatchNorm statistics is). That rounding is
+simulated in eager mode on the example inputs: layers whose rounding moves the output by more than
+``BIAS_ROUNDING_BUDGET`` (alone, or added to those already chosen) run as float kernels. The int8 layers chosen are
+kept only if the program stays within ``INT8_RELATIVE_ERROR`` of the reference program on the example inputs;
+otherwise every layer runs as a float kernel on its trained input grid. The log says which layers run on int8.
+
+A float-kernel ``Conv1d`` is written as a 2-D convolution over an axis of size 1 (XNNPACK would take its dequantized
+input for an int8 one); an int8 ``Conv1d`` is lowered as XNNPACK's own 1-D int8 convolution.
 
 The program is exported with its batch dimension bounded by ``max(64, example batch)`` (memory is planned for the
 bound) and checked against the reference program on the example inputs before it is written; a program that
