@@ -199,7 +199,6 @@ def test_executorch_int8_kernels_compute_the_model_with_xnnpack_int32_biases(mon
     """With no budget for the bias rounding, every candidate runs on int8, and the file computes the fake-quant
     model with each of their biases rounded to input scale * weight scale (computed here from the read-out)."""
     executorch = backend("executorch")
-    monkeypatch.setattr(executorch, "BIAS_ROUNDING_BUDGET", 1.0)
     monkeypatch.setattr(executorch, "INT8_RELATIVE_ERROR", 1.0)
     model = _calibrated(_tiny_resnet(), (3, 16, 16), share=True)
     x = torch.randn(16, 3, 16, 16)
