@@ -18,6 +18,7 @@ The default suite runs 8 cases that cover every kind of block (``DEFAULT_CASES``
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -97,6 +98,9 @@ def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
         x, y = torch.randn(8, 3, side, side), torch.randint(0, CLASSES, (8,))
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
+        # Random-init nets have gradients of 1e3 (MNASNet's head): clipped as `Trainer(gradient_clip_val=1)` does,
+        # or 3 steps at this rate drive some to NaN.
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return model.eval(), side
 
@@ -123,15 +127,20 @@ def _cases() -> list[tuple[str, int]]:
 
 @torch.no_grad()
 def _float_order_floor(model: nn.Module, batches: list) -> float:
-    """How far the fake-quant model moves from itself when only float rounding changes: its relative logit change
-    under 1e-6 relative input noise."""
+    """How far the fake-quant model moves from itself when only float rounding changes: the larger of its relative
+    logit change under 1e-6 relative input noise (over all samples) and the largest per-sample relative change when
+    it runs in float64 (its convolutions then round differently, as another runtime's kernels do, and a value near
+    a grid boundary may take the other code; the quantizers still round in float32)."""
     generator = torch.Generator().manual_seed(1)
-    noise = norm = 0.0
+    in_float64 = copy.deepcopy(model).double()
+    noise = norm = float64_change = 0.0
     for (x,), _ in batches:
         clean = model(x)
         noise += float((model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator))) - clean).pow(2).sum())
         norm += float(clean.pow(2).sum())
-    return (noise / norm) ** 0.5
+        change = (in_float64(x.double()).float() - clean).norm(dim=1) / clean.norm(dim=1)
+        float64_change = max(float64_change, float(change.max()))
+    return max((noise / norm) ** 0.5, float64_change)
 
 
 @torch.no_grad()
@@ -158,6 +167,7 @@ def test_torchvision_family_converts_and_files_follow_the_model(family: str, bit
     for fmt, fidelity in result.fidelity.items():
         assert fidelity.samples == 16
         errors, same = _per_sample(model, backend(fmt).load(result.paths[fmt]), batches)
+        assert bool(errors.isfinite().all()), (fmt, errors)  # a diverged model or file would compare NaN to NaN
         assert fidelity.agreement == pytest.approx(float(same.float().mean()))  # the report says what the file does
         # A value that rounds the other way in one sample can cascade through a random-init network: one sample in
         # 16 may go beyond the bound (and swap its top class); the others must stay within it.
