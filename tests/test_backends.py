@@ -246,3 +246,34 @@ def test_executorch_file_of_a_4_bit_cnn_runs_its_convolutions_on_int8(tmp_path, 
     with caplog.at_level("INFO", logger="qat_lightning.convert.backends.executorch"):
         _executorch_file_follows_the_model(model, (1, 8, 8), tmp_path)
     assert _int8_layers(caplog.text) == ["features.0", "features.4"]
+
+
+class _ConvCalledTwice(nn.Module):
+    """One convolution applied twice (weights and bias shared by two ops of the exported graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(torch.relu(self.stem(x)))
+        x = self.shared(torch.relu(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_onnx_file_of_a_layer_called_twice_holds_each_bias_once_and_follows_the_model(tmp_path) -> None:
+    import onnx
+
+    model = _calibrated(_ConvCalledTwice(), (3, 12, 12))
+    x = torch.randn(8, 3, 12, 12)
+    result = convert_model(model, (x,), tmp_path, formats=("onnx",), packed=False)
+    graph = onnx.load(str(result.paths["onnx"])).graph
+    names = [i.name for i in graph.initializer]
+    assert len(names) == len(set(names))  # a duplicate initializer becomes a graph input in ONNX Runtime
+    adds = [n for n in graph.node if n.op_type == "Add" and any(i.endswith("_as_add2d") for i in n.input)]
+    assert len(adds) == 3  # stem, and `shared` twice on one initializer
+    with torch.no_grad():
+        assert relative_error(backend("onnx").load(result.paths["onnx"])(x), model(x)) < 1e-5

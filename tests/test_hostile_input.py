@@ -126,3 +126,22 @@ def test_convert_cli_on_a_checkpoint_of_the_fp32_warmup_names_the_cause(tmp_path
     assert exit_info.value.code == 2
     assert "holds no fake-quantized layers: it was saved before QAT started" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_converting_a_diverged_model_names_the_tensors_and_writes_nothing(tmp_path):
+    """A NaN weight (training that diverged) would give a file of NaN logits that agrees with the NaN fake-quant
+    model; conversion refuses instead, naming the tensor and the fix, and the earlier files stay."""
+    model = SmallCNN()
+    apply_plan(model, plan_quantization(model, 4))
+    x = torch.randn(16, 1, 8, 8)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    first = convert_model(model, (x,), tmp_path)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.features[4].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in `features\.4\.weight`.*gradient_clip_val"):
+        convert_model(model, (x,), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == written and first.paths

@@ -7,10 +7,11 @@ itself on held-out batches; the test asserts the figures and reads the report ba
 The ``.pt2`` program computes operation for operation what the fake-quant model computes (exactly, but where eager
 PyTorch runs a fused kernel that export decomposes, as ``nn.MultiheadAttention``'s fast path). A runtime with its
 own float kernels (ONNX Runtime) rounds a few values near a grid boundary the other way, and in a deep random-init
-network such flips cascade: the fake-quant model itself moves its logits by up to 6% when its input is perturbed
-by one part in a million (EfficientNet-B0 at 8 bits). Each file is loaded back and held, sample by sample, to 2%
-or 3x that floor (measured on the same batches), whichever is larger, and to the same top class; one sample in 16
-may cascade.
+network such flips cascade: the fake-quant model itself moves its logits by up to 10% in one sample when its
+convolutions run in float64 (ResNet-18 at 8 bits), or by 6% when its input is perturbed by one part in a million
+(EfficientNet-B0 at 4 bits). Each file is loaded back and held, sample by sample, to 2% or 3x that floor (measured
+on the same batches), whichever is larger, and to the same top class; one sample in 16 may cascade
+(and one more top class may swap than swap in the model's own float64 run).
 
 The default suite runs 8 cases that cover every kind of block (``DEFAULT_CASES``; the suite must stay well under
 15 minutes on 2 cores); ``QAT_LIGHTNING_ZOO=full`` runs every family at both widths (about 15 minutes alone).
@@ -18,6 +19,7 @@ The default suite runs 8 cases that cover every kind of block (``DEFAULT_CASES``
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -97,6 +99,9 @@ def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
         x, y = torch.randn(8, 3, side, side), torch.randint(0, CLASSES, (8,))
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
+        # Random-init nets have gradients of 1e3 (MNASNet's head): clipped as `Trainer(gradient_clip_val=1)` does,
+        # or 3 steps at this rate drive some to NaN.
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return model.eval(), side
 
@@ -122,27 +127,35 @@ def _cases() -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
-def _float_order_floor(model: nn.Module, batches: list) -> float:
-    """How far the fake-quant model moves from itself when only float rounding changes: its relative logit change
-    under 1e-6 relative input noise."""
-    generator = torch.Generator().manual_seed(1)
-    noise = norm = 0.0
-    for (x,), _ in batches:
-        clean = model(x)
-        noise += float((model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator))) - clean).pow(2).sum())
-        norm += float(clean.pow(2).sum())
-    return (noise / norm) ** 0.5
-
-
-@torch.no_grad()
 def _per_sample(model: nn.Module, run, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample relative logit error and top-class agreement of the loaded file ``run`` against ``model``."""
+    """Per-sample relative logit error and top-class agreement of ``run`` (a loaded file) against ``model``."""
     errors, same = [], []
     for (x,), _ in batches:
         expected, actual = model(x), run(x)
         errors.append((actual - expected).norm(dim=1) / expected.norm(dim=1))
         same.append(actual.argmax(1) == expected.argmax(1))
     return torch.cat(errors), torch.cat(same)
+
+
+@torch.no_grad()
+def _float_order_floor(model: nn.Module, batches: list) -> tuple[float, int]:
+    """How far the fake-quant model moves from itself when only float rounding changes, and in how many samples its
+    top class then changes.
+
+    The error is the larger of its relative logit change under 1e-6 relative input noise (over all samples) and the
+    largest per-sample relative change when it runs in float64: its convolutions then round differently, as another
+    runtime's kernels do, and a value near a grid boundary may take the other code (the quantizers still round in
+    float32). The count is the float64 run's top-class changes.
+    """
+    generator = torch.Generator().manual_seed(1)
+    noise = norm = 0.0
+    for (x,), _ in batches:
+        clean = model(x)
+        noise += float((model(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator))) - clean).pow(2).sum())
+        norm += float(clean.pow(2).sum())
+    in_float64 = copy.deepcopy(model).double()
+    errors, same = _per_sample(model, lambda x: in_float64(x.double()).float(), batches)
+    return max((noise / norm) ** 0.5, float(errors.max())), int((~same).sum())
 
 
 @pytest.mark.zoo
@@ -154,15 +167,17 @@ def test_torchvision_family_converts_and_files_follow_the_model(family: str, bit
 
     assert result.failed == {}
     assert set(result.fidelity) == {"pt2", "onnx"}
-    floor = _float_order_floor(model, batches)
+    floor, float64_flips = _float_order_floor(model, batches)
     for fmt, fidelity in result.fidelity.items():
         assert fidelity.samples == 16
         errors, same = _per_sample(model, backend(fmt).load(result.paths[fmt]), batches)
+        assert bool(errors.isfinite().all()), (fmt, errors)  # a diverged model or file would compare NaN to NaN
         assert fidelity.agreement == pytest.approx(float(same.float().mean()))  # the report says what the file does
         # A value that rounds the other way in one sample can cascade through a random-init network: one sample in
-        # 16 may go beyond the bound (and swap its top class); the others must stay within it.
+        # 16 may go beyond the bound, and one more top class may swap than swap in the model's own float64 run.
         bound = max(0.02, 3 * floor)
-        assert int((errors > bound).sum()) <= 1 and int((~same).sum()) <= 1, (fmt, errors.max(), floor)
+        beyond, swapped = int((errors > bound).sum()), int((~same).sum())
+        assert beyond <= 1 and swapped <= 1 + float64_flips, (fmt, errors.max(), floor, swapped, float64_flips)
     report = json.loads((tmp_path / "conversion_report.json").read_text())
     assert report["float_layers"] == result.float_layers
     assert sorted(report["int8_layers"]) == result.int8_layers and result.int8_layers

@@ -175,6 +175,18 @@ def _check_model(model: nn.Module, example_inputs: Inputs) -> None:
             "no scales to convert: run a few batches through it in train mode (or train it with "
             "QuantizationCallback past its warmup, or load a QAT checkpoint) before converting."
         )
+    non_finite = [
+        name for name, value in model.state_dict().items() if torch.is_tensor(value) and not value.isfinite().all()
+    ]
+    if non_finite:
+        shown = ", ".join(f"`{n}`" for n in non_finite[:5]) + (
+            f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else ""
+        )
+        raise ValueError(
+            f"`model` ({type(model).__name__}) holds NaN or infinite values in {shown}: training diverged, and no "
+            "integer model can follow it. Resume from an earlier checkpoint with a lower learning rate or clipped "
+            "gradients (`Trainer(gradient_clip_val=1.0)`), then convert."
+        )
     if isinstance(example_inputs, torch.Tensor) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise ValueError("`example_inputs` must be a tuple of tensors (the model's positional inputs), e.g. `(x,)`.")
 
@@ -205,8 +217,9 @@ def convert_model(
         name: file name stem.
 
     Raises:
-        ValueError: ``model`` has no fake-quantized layer, none of its quantizers has seen data, ``example_inputs``
-            is not a sequence of tensors, or a format is unknown or lacks its packages.
+        ValueError: ``model`` has no fake-quantized layer, none of its quantizers has seen data, it holds NaN or
+            infinite weights or scales (diverged training), ``example_inputs`` is not a sequence of tensors, or
+            a format is unknown or lacks its packages.
         ExportError: ``model.forward`` cannot be captured by ``torch.export`` (nothing is written).
     """
     _check_model(model, example_inputs)

@@ -122,7 +122,10 @@ def integer_unsupported_reason(layer: FakeQuantizedLayer) -> str | None:
     if iq.config.bits > INTEGER_MAX_BITS:
         return f"{iq.config.bits}-bit inputs (integer kernels take at most 8)"
     if not (wq.calibrated and iq.calibrated):
-        return "its quantizers never saw data"
+        return (
+            "its quantizers never saw data: the layer was not called in training, e.g. the model reads its weight "
+            "directly, as `F.linear(x, layer.weight)` in torchvision's Swin attention"
+        )
     if not wq.config.symmetric or iq.config.per_channel:
         return "a scheme other than symmetric weights and per-tensor inputs"
     return None

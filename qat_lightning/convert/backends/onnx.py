@@ -118,9 +118,11 @@ def _keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
         if produced_by.get(node.input[0], node).op_type != "DequantizeLinear":
             continue
         spatial = next((len(a.ints) for a in node.attribute if a.name == "kernel_shape"), 0)
-        bias_name = f"{node.input[2]}_as_add"
-        bias = numpy_helper.to_array(initializers[node.input[2]])
-        proto.graph.initializer.append(numpy_helper.from_array(bias.reshape((1, -1) + (1,) * spatial), bias_name))
+        bias_name = f"{node.input[2]}_as_add{spatial}d"
+        if bias_name not in initializers:  # one initializer per bias, however many layers share it
+            bias = numpy_helper.to_array(initializers[node.input[2]]).reshape((1, -1) + (1,) * spatial)
+            initializers[bias_name] = numpy_helper.from_array(bias, bias_name)
+            proto.graph.initializer.append(initializers[bias_name])
         output = node.output[0]
         node.output[0] = f"{output}_without_bias"
         del node.input[2]
