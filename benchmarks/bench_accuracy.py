@@ -100,7 +100,7 @@ JOBS: dict[str, Job] = {
     "glyphs_cnn": Job(
         lambda quick: GlyphsDataModule(train_size=4000 if quick else 12000),
         lambda: CompactCNN(in_channels=1, num_classes=GlyphsDataModule.num_classes),
-        (20, 6),
+        (15, 6),
         (4, 1),
         sequential=True,
     ),

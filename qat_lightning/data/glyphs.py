@@ -95,7 +95,7 @@ def _segment_coverage(
 
 
 def render_glyphs(
-    n: int, seed: int, size: int = 32, noise: float = 0.25, clutter: int = 2
+    n: int, seed: int, size: int = 32, noise: float = 0.2, clutter: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` glyph images and labels, the same for the same arguments on any machine (CPU float32 math).
 
@@ -194,7 +194,7 @@ class GlyphsDataModule(VisionDataModule):
         val_size: int = 2000,
         test_size: int = 5000,
         seed: int = 0,
-        noise: float = 0.25,
+        noise: float = 0.2,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
