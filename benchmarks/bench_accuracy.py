@@ -101,13 +101,16 @@ JOBS: dict[str, Job] = {
         lambda quick: GlyphsDataModule(train_size=4000 if quick else 12000),
         lambda: CompactCNN(in_channels=1, num_classes=GlyphsDataModule.num_classes),
         (15, 6),
-        (4, 1),
+        (6, 1),
         sequential=True,
     ),
 }
 
 
 def fit(model: ImageClassifier, dm: VisionDataModule, epochs: int, callbacks: list) -> None:
+    # Lightning keeps the train/eval mode a module arrives with: a copy of the evaluated float model would train in
+    # eval mode (BatchNorm on its running statistics, observers never run, so fake quantization never starts).
+    model.train()
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
