@@ -97,13 +97,14 @@ def _segment_coverage(
 def render_glyphs(
     n: int, seed: int, size: int = 32, noise: float = 0.2, clutter: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` glyph images and labels, the same for the same arguments on any machine (CPU float32 math).
+    """``n`` glyph images and labels, the same for the same arguments: every draw comes from one CPU generator
+    seeded with ``seed``, independent of the global RNG and of the thread count (float32 math on the CPU).
 
-    Each image: a glyph of a uniformly drawn class, rotated by any angle, scaled to a radius of 42-90% of the
-    half-image, stretched by up to 20% along one axis and sheared by up to 0.2, shifted by up to 40% of the
-    half-image (so it may leave the frame); drawn with a random contrast and polarity over a random linear
-    background gradient, with ``clutter`` random line segments (over the glyph too) and additive Gaussian
-    noise of standard deviation ``noise`` (the glyph's contrast is 0.5-1).
+    Each image: a glyph of a uniformly drawn class, rotated by any angle, scaled to 45-90% of the half-image
+    (the glyphs fill the unit disk of their own frame), stretched by up to 20% along one axis and sheared by up to
+    0.2, shifted by up to 30% of the half-image (so it may leave the frame); drawn with a random contrast and
+    polarity over a random linear background gradient, with ``clutter`` random line segments (over the glyph too)
+    and additive Gaussian noise of standard deviation ``noise`` (the glyph's contrast is 0.5-1).
 
     Returns:
         images ``(n, 1, size, size)`` float32 and labels ``(n,)`` int64.
