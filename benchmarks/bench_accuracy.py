@@ -1,18 +1,30 @@
-"""Accuracy of naive PTQ, our PTQ and our QAT at 2/4/8 bits on the digits data, for two models.
+"""Accuracy of naive PTQ, our PTQ, our QAT and Brevitas QAT at 2/4/8 bits on two embedded benchmarks.
 
-Methods (test accuracy on the held-out split of the 8x8 digits, fixed seeds):
+Benchmarks and models (``<benchmark>_<model>``; test accuracy on each benchmark's held-out split):
 
-- ``fp32``: the float model, trained for ``--epochs`` epochs; every other method starts from it.
+- ``digits_cnn``, ``digits_resnet20``: scikit-learn's 8x8 digits (270 test images), the small CNN on 8x8
+  inputs and ResNet-20 with the inputs resized to 32x32 (3 channels).
+- ``glyphs_cnn``: the rendered glyphs (``GlyphsDataModule``: 32x32, 12 classes, 5,000 test images) with
+  ``CompactCNN``.
+
+Methods (every one after ``fp32`` starts from the same float model):
+
+- ``fp32``: the float model, trained for the benchmark's float epochs.
 - ``ptq_naive_<b>``: the ResNet-20 write-up's method: per-tensor min/max ranges for weights and inputs of every
   layer at b bits, calibrated on 10 batches.
-- ``ptq_<b>``: our PTQ defaults: per-channel weights, MSE-searched input ranges, first/last layer at 8 bits.
-- ``qat_<b>``: ``QuantizationCallback(bits=b, warmup_epochs=0)`` defaults (LSQ at <= 4 bits, first/last layer at
-  8 bits), fine-tuning the float model for ``--qat-epochs`` epochs.
-- ``brevitas_qat_2`` (CNN, when brevitas is installed: the ``bench`` extra): the same CNN with Brevitas quantized
-  layers, weights and activations at 2 bits in the middle layer, 8 bits first/last, same fine-tuning budget.
+- ``ptq_<b>``: our PTQ defaults: per-channel weights, MSE-searched input ranges, first/last layer at 8 bits;
+  ``ptq_all_<b>``: the same with every layer at b bits (``first_last_bits=None``).
+- ``<variant>_<b>``: ``QuantizationCallback(bits=b, warmup_epochs=0, **QAT_VARIANTS[variant])``, fine-tuning the
+  float model for the benchmark's QAT epochs: ``qat`` (the defaults), ``qat_all`` (every layer at b bits), and
+  one line per recipe part in ``QAT_VARIANTS``.
+- ``brevitas_qat_<b>`` (sequential CNNs, when brevitas is installed: the ``bench`` extra): the same CNN in
+  Brevitas layers (its default quantizers), weights and activations at b bits, first/last layer at 8 bits,
+  same fine-tuning budget.
 
-Models: the small CNN on 8x8 inputs and ResNet-20 with the inputs resized to 32x32 (3 channels).
-Prints a table, then one JSON object of accuracies (0..1) keyed ``<model>_<method>`` on the last line.
+Each method runs once per seed (``--seeds``; the seed sets the float model's initialisation and every
+shuffle, the data stay fixed). Prints a table of mean and spread (sample standard deviation over the seeds),
+then one JSON object on the last line: ``{"<job>_<method>": {"mean", "std", "runs"}}`` (accuracies 0..1),
+``"settings"`` (epochs, seeds) and ``"seconds"``.
 """
 
 from __future__ import annotations
@@ -21,18 +33,38 @@ import argparse
 import copy
 import importlib.util
 import json
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN
+from qat_lightning import (
+    CompactCNN,
+    DigitsDataModule,
+    GlyphsDataModule,
+    ImageClassifier,
+    QuantizationCallback,
+    SmallCNN,
+)
 from qat_lightning.calibration import calibrate
+from qat_lightning.data import VisionDataModule
+from qat_lightning.models import resnet20
 from qat_lightning.nn import apply_plan, plan_quantization
 
 BITS = (2, 4, 8)
+
+# QAT variants: name -> QuantizationCallback keyword arguments on top of ``bits=b, warmup_epochs=0``. A recipe
+# part (progressive bit widths, error-minimising scale initialisation, ...) is measured by adding one line here.
+QAT_VARIANTS: dict[str, dict[str, Any]] = {
+    "qat": {},
+    "qat_all": {"first_last_bits": None},
+}
 
 
 class Resized(nn.Module):
@@ -47,15 +79,38 @@ class Resized(nn.Module):
         return self.backbone(x.expand(-1, 3, -1, -1))
 
 
-def build(model_name: str) -> nn.Module:
-    if model_name == "cnn":
-        return SmallCNN()
-    from qat_lightning.models import resnet20
+@dataclass(frozen=True)
+class Job:
+    """One model on one benchmark: its data, its float and QAT budgets (epochs; ``--quick`` ones apart)."""
 
-    return Resized(resnet20(num_classes=10))
+    data: Callable[[bool], VisionDataModule]  # quick -> datamodule
+    model: Callable[[], nn.Module]
+    epochs: tuple[int, int]  # float epochs, QAT epochs
+    quick_epochs: tuple[int, int]
+    lr: float = 3e-3
+    qat_lr: float = 1e-3
+    sequential: bool = False  # a plain conv/ReLU chain that ``brevitas_model`` rebuilds
 
 
-def fit(model: ImageClassifier, dm: DigitsDataModule, epochs: int, callbacks: list) -> None:
+JOBS: dict[str, Job] = {
+    "digits_cnn": Job(lambda quick: DigitsDataModule(), SmallCNN, (30, 15), (4, 2), sequential=True),
+    "digits_resnet20": Job(
+        lambda quick: DigitsDataModule(), lambda: Resized(resnet20(num_classes=10)), (30, 15), (4, 2)
+    ),
+    "glyphs_cnn": Job(
+        lambda quick: GlyphsDataModule(train_size=4000 if quick else 12000),
+        lambda: CompactCNN(in_channels=1, num_classes=GlyphsDataModule.num_classes),
+        (15, 6),
+        (6, 1),
+        sequential=True,
+    ),
+}
+
+
+def fit(model: ImageClassifier, dm: VisionDataModule, epochs: int, callbacks: list) -> None:
+    # Lightning keeps the train/eval mode a module arrives with: a copy of the evaluated float model would train in
+    # eval mode (BatchNorm on its running statistics, observers never run, so fake quantization never starts).
+    model.train()
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -70,13 +125,15 @@ def fit(model: ImageClassifier, dm: DigitsDataModule, epochs: int, callbacks: li
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, dm: DigitsDataModule) -> float:
+def test_accuracy(model: nn.Module, dm: VisionDataModule) -> float:
     model.eval()
     x, y = dm.splits["test"].tensors
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def ptq(float_model: ImageClassifier, dm: DigitsDataModule, bits: int, naive: bool) -> float:
+def ptq(
+    float_model: ImageClassifier, dm: VisionDataModule, bits: int, naive: bool, first_last_bits: int | None
+) -> float:
     model = copy.deepcopy(float_model)
     if naive:
         plan = plan_quantization(
@@ -89,79 +146,122 @@ def ptq(float_model: ImageClassifier, dm: DigitsDataModule, bits: int, naive: bo
             learned_scale=False,
         )
     else:
-        plan = plan_quantization(model, bits, first_last_bits=8, activation_observer="mse", learned_scale=False)
+        plan = plan_quantization(
+            model, bits, first_last_bits=first_last_bits, activation_observer="mse", learned_scale=False
+        )
     apply_plan(model, plan)
     calibrate(model, dm.train_dataloader(), lambda batch, i: model(batch[0]), num_batches=10)
     return test_accuracy(model, dm)
 
 
-def qat(float_model: ImageClassifier, dm: DigitsDataModule, bits: int, epochs: int, lr: float) -> float:
+def qat(float_model: ImageClassifier, dm: VisionDataModule, epochs: int, lr: float, **callback_kwargs: Any) -> float:
     model = copy.deepcopy(float_model)
     model.hparams.lr = lr
-    fit(model, dm, epochs, [QuantizationCallback(bits=bits, warmup_epochs=0)])
+    fit(model, dm, epochs, [QuantizationCallback(warmup_epochs=0, convert_on_fit_end=False, **callback_kwargs)])
     return test_accuracy(model, dm)
 
 
-def brevitas_cnn(float_cnn: SmallCNN, bits: int) -> nn.Module:
-    """The small CNN in Brevitas layers: middle conv and activations at ``bits``, first/last layer at 8 bits."""
+def brevitas_model(float_model: nn.Module, bits: int) -> nn.Module:
+    """``float_model`` (a chain of conv/linear layers and ReLUs, in registration order) in Brevitas layers, with
+    the float weights: weights at ``bits`` except the first and last layer (8 bits); each ReLU quantizes its
+    output at the width of the layer it feeds; the input is quantized at 8 bits."""
     import brevitas.nn as qnn
 
-    c1, c2 = float_cnn.features[0].out_channels, float_cnn.features[4].out_channels
-    model = nn.Sequential(
-        qnn.QuantIdentity(bit_width=8, return_quant_tensor=False),
-        qnn.QuantConv2d(1, c1, 3, padding=1, bias=False, weight_bit_width=8),
-        nn.BatchNorm2d(c1),
-        qnn.QuantReLU(bit_width=bits),
-        nn.MaxPool2d(2),
-        qnn.QuantConv2d(c1, c2, 3, padding=1, bias=False, weight_bit_width=bits),
-        nn.BatchNorm2d(c2),
-        qnn.QuantReLU(bit_width=8),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        qnn.QuantLinear(float_cnn.classifier.in_features, 10, bias=True, weight_bit_width=8),
-    )
-    float_layers = [float_cnn.features[i] for i in (0, 1, 4, 5)] + [float_cnn.classifier]
-    quant_layers = [model[i] for i in (1, 2, 5, 6, 10)]
-    for src, dst in zip(float_layers, quant_layers, strict=True):
-        dst.load_state_dict(src.state_dict(), strict=False)
-    return model
+    model = copy.deepcopy(float_model)
+    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ReLU))]
+    weighted = [name for name in names if not isinstance(model.get_submodule(name), nn.ReLU)]
+    layer_bits = {name: 8 if name in (weighted[0], weighted[-1]) else bits for name in weighted}
+    for i, name in enumerate(names):
+        old = model.get_submodule(name)
+        if isinstance(old, nn.ReLU):
+            feeds = next(n for n in names[i:] if n in layer_bits)
+            new: nn.Module = qnn.QuantReLU(bit_width=layer_bits[feeds])
+        elif isinstance(old, nn.Conv2d):
+            new = qnn.QuantConv2d(
+                old.in_channels,
+                old.out_channels,
+                old.kernel_size,
+                stride=old.stride,
+                padding=old.padding,
+                groups=old.groups,
+                bias=old.bias is not None,
+                weight_bit_width=layer_bits[name],
+            )
+        else:
+            new = qnn.QuantLinear(
+                old.in_features, old.out_features, bias=old.bias is not None, weight_bit_width=layer_bits[name]
+            )
+        if not isinstance(old, nn.ReLU):
+            new.load_state_dict(old.state_dict(), strict=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return nn.Sequential(qnn.QuantIdentity(bit_width=8, return_quant_tensor=False), model)
+
+
+def run_seed(job: Job, dm: VisionDataModule, seed: int, quick: bool, brevitas: bool) -> dict[str, float]:
+    epochs, qat_epochs = job.quick_epochs if quick else job.epochs
+    pl.seed_everything(seed, verbose=False)
+    float_model = ImageClassifier(job.model(), num_classes=dm.num_classes, lr=job.lr)
+    fit(float_model, dm, epochs, [])
+    results = {"fp32": test_accuracy(float_model, dm)}
+    for bits in BITS:
+        results[f"ptq_naive_{bits}"] = ptq(float_model, dm, bits, naive=True, first_last_bits=None)
+        results[f"ptq_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=8)
+        results[f"ptq_all_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=None)
+        for variant, kwargs in QAT_VARIANTS.items():
+            pl.seed_everything(seed * 100 + bits, verbose=False)
+            results[f"{variant}_{bits}"] = qat(float_model, dm, qat_epochs, job.qat_lr, bits=bits, **kwargs)
+        if brevitas and job.sequential:
+            pl.seed_everything(seed * 100 + bits, verbose=False)
+            model = ImageClassifier(brevitas_model(float_model.backbone, bits), dm.num_classes, lr=job.qat_lr)
+            fit(model, dm, qat_epochs, [])
+            results[f"brevitas_qat_{bits}"] = test_accuracy(model, dm)
+    return results
+
+
+def summary(runs: list[float]) -> dict[str, Any]:
+    return {
+        "mean": round(statistics.fmean(runs), 4),
+        "std": round(statistics.stdev(runs), 4) if len(runs) > 1 else 0.0,
+        "runs": [round(r, 4) for r in runs],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few epochs (a smoke run, not the reference figures)")
-    parser.add_argument("--models", nargs="+", default=["cnn", "resnet20"], choices=["cnn", "resnet20"])
+    parser.add_argument("--quick", action="store_true", help="few epochs, one seed (a smoke run, not the figures)")
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy CPU)")
     args = parser.parse_args()
-    epochs, qat_epochs = (4, 2) if args.quick else (30, 15)
-    torch.set_num_threads(2)
-    results: dict[str, float] = {}
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    torch.set_num_threads(args.threads)
+    brevitas = importlib.util.find_spec("brevitas") is not None
+    per_seed: dict[str, list[float]] = {}
     start = time.perf_counter()
-    for model_name in args.models:
-        pl.seed_everything(0, verbose=False)
-        dm = DigitsDataModule()
+    for name in args.jobs:
+        job = JOBS[name]
+        dm = job.data(args.quick)
         dm.setup()
-        float_model = ImageClassifier(build(model_name), lr=3e-3)
-        fit(float_model, dm, epochs, [])
-        results[f"{model_name}_fp32"] = test_accuracy(float_model, dm)
-        for bits in BITS:
-            results[f"{model_name}_ptq_naive_{bits}"] = ptq(float_model, dm, bits, naive=True)
-            results[f"{model_name}_ptq_{bits}"] = ptq(float_model, dm, bits, naive=False)
-            pl.seed_everything(bits, verbose=False)
-            results[f"{model_name}_qat_{bits}"] = qat(float_model, dm, bits, qat_epochs, lr=1e-3)
-        if model_name == "cnn" and importlib.util.find_spec("brevitas") is not None:
-            pl.seed_everything(2, verbose=False)
-            brevitas = ImageClassifier(brevitas_cnn(float_model.backbone, 2), lr=1e-3)
-            fit(brevitas, dm, qat_epochs, [])
-            results["cnn_brevitas_qat_2"] = test_accuracy(brevitas, dm)
-        print(f"[{model_name} done after {time.perf_counter() - start:.0f} s]", flush=True)
+        for seed in seeds:
+            for method, accuracy in run_seed(job, dm, seed, args.quick, brevitas).items():
+                per_seed.setdefault(f"{name}_{method}", []).append(accuracy)
+            print(f"[{name} seed {seed} done after {time.perf_counter() - start:.0f} s]", flush=True)
 
-    methods = ["fp32"] + [f"{m}_{b}" for b in BITS for m in ("ptq_naive", "ptq", "qat")] + ["brevitas_qat_2"]
-    print(f"\n{'method':<16}" + "".join(f"{m:>10}" for m in args.models))
+    results: dict[str, Any] = {key: summary(runs) for key, runs in per_seed.items()}
+    methods = ["fp32"] + [
+        f"{m}_{b}" for b in BITS for m in ("ptq_naive", "ptq", "ptq_all", *QAT_VARIANTS, "brevitas_qat")
+    ]
+    print(f"\n{'method':<18}" + "".join(f"{name:>18}" for name in args.jobs))
     for method in methods:
-        cells = [results.get(f"{m}_{method}") for m in args.models]
+        cells = [results.get(f"{name}_{method}") for name in args.jobs]
         if any(c is not None for c in cells):
-            print(f"{method:<16}" + "".join(f"{c * 100:>9.1f}%" if c is not None else f"{'-':>10}" for c in cells))
-    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+            text = [f"{c['mean'] * 100:.1f} ± {c['std'] * 100:.1f}%" if c else "-" for c in cells]
+            print(f"{method:<18}" + "".join(f"{t:>18}" for t in text))
+    settings = {name: JOBS[name].quick_epochs if args.quick else JOBS[name].epochs for name in args.jobs}
+    results["settings"] = {"epochs (float, qat)": settings, "seeds": seeds, "quick": args.quick}
+    results["seconds"] = round(time.perf_counter() - start)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

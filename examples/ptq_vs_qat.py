@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for bits in args.bits:
         ptq = post_training_quantize(backbone, bits, data.train_dataloader(), args.calibration_batches)
-        qat = ImageClassifier(copy.deepcopy(backbone), num_classes=10, lr=1e-3)
+        # train(): the copy of the evaluated backbone is in eval mode, which Lightning keeps (no QAT would happen).
+        qat = ImageClassifier(copy.deepcopy(backbone).train(), num_classes=10, lr=1e-3)
         trainer(qat_epochs, args.fast, [QuantizationCallback(bits=bits, warmup_epochs=0)]).fit(qat, datamodule=data)
         results["bits"][bits] = {
             "ptq": accuracy(ptq, data.test_dataloader()),

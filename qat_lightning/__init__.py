@@ -16,11 +16,13 @@ from qat_lightning.data import (
     CIFAR10DataModule,
     DigitsDataModule,
     FashionMNISTDataModule,
+    GlyphsDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
 )
 from qat_lightning.models import (
     CifarResNet,
+    CompactCNN,
     ImageClassifier,
     LeNet5,
     SmallCNN,
@@ -57,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CIFAR10DataModule",
     "CifarResNet",
+    "CompactCNN",
     "BitWidthMetrics",
     "ConversionResult",
     "ExportError",
@@ -65,6 +68,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "FakeQuantizer",
     "FashionMNISTDataModule",
+    "GlyphsDataModule",
     "FloatLayer",
     "ImageClassifier",
     "ImageFolderDataModule",

@@ -1,6 +1,7 @@
 """Reference models and the generic LightningModule the configs use."""
 
 from qat_lightning.models.classifier import ImageClassifier, classification_metrics
+from qat_lightning.models.compact_cnn import CompactCNN
 from qat_lightning.models.lenet import LeNet5
 from qat_lightning.models.resnet_cifar import CifarResNet, resnet20, resnet_cifar
 from qat_lightning.models.small_cnn import SmallCNN
@@ -9,6 +10,7 @@ from qat_lightning.models.weights import load_weights
 
 __all__ = [
     "CifarResNet",
+    "CompactCNN",
     "ImageClassifier",
     "LeNet5",
     "SmallCNN",
