@@ -60,14 +60,14 @@ def test_compiled_training_matches_eager():
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     for step in range(4):
         losses = []
-        for model, optimizer in zip((eager, compiled), optimizers):
+        for model, optimizer in zip((eager, compiled), optimizers, strict=True):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         assert losses[1] == pytest.approx(losses[0], rel=1e-5), step
-    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values(), strict=True):
         if not torch.is_tensor(a):  # a quantizer's extra state
             assert a == b, name
         elif a.is_floating_point():
