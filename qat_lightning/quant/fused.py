@@ -6,11 +6,13 @@ tensor (the forward writes the grid values; the backward writes the input gradie
 gradient in the same loop). The values and the input gradient are bit for bit those of the passes (the same float32
 operations in the same order, round-half-to-even); the LSQ scale gradient is the same sum in another order.
 
-Used for CPU tensors of at least ``MIN_FUSED_ELEMENTS`` values (activations; below that, per-call overhead eats the
-gain), outside ``torch.compile``/``torch.export`` traces (where the caller's compiler fuses them anyway). One kernel
-is generated per kind of call (STE or LSQ, per tensor or per channel, rank, dtype), for any shape, the first time
-it is met: a few seconds, kept in inductor's on-disk cache. Without a working C++ compiler the first compilation
-fails and the passes are used from then on (logged once). ``set_fused(False)`` turns the kernels off.
+Used in training (gradient mode on) for CPU tensors of at least ``MIN_FUSED_ELEMENTS`` values (activations; below
+that, per-call overhead eats the gain), outside ``torch.compile``/``torch.export`` traces (where the caller's
+compiler fuses them anyway). One kernel pair is generated per kind of call (STE or LSQ, per tensor or per channel,
+rank, dtype, signed or unsigned grid), for any shape, the first time it is met: a few seconds, kept in inductor's
+on-disk cache. Past ``torch._dynamo.config.recompile_limit`` kinds in one process, dynamo runs the passes itself
+(with its warning). Without a working C++ compiler the first compilation fails and the passes are used from then on
+(logged once). ``set_fused(False)`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def _fused_call(name: str, x: torch.Tensor, *args: object) -> torch.Tensor:
         and type(x) is torch.Tensor
         and x.device.type == "cpu"
         and x.numel() >= MIN_FUSED_ELEMENTS
+        and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     ):
         return plain(x, *args)
