@@ -77,12 +77,10 @@ def test_compiled_training_matches_eager():
     assert not counters["graph_break"]
 
 
-def test_compiled_lightning_module_through_every_phase(trainer_kwargs, tmp_path, monkeypatch):
+def test_compiled_lightning_module_through_every_phase(trainer_kwargs, tmp_path):
     # The README's way: compile the LightningModule, then fit. Five training graphs: float, quantized before and
     # after the first batch (LSQ initialisation), BatchNorm frozen, observers frozen; more fails the fit. Dynamo and
     # AOT autograd as with inductor, without generating kernels (test_compiled_training_matches_eager does).
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 6)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     model = ImageClassifier(SmallCNN(channels=(8, 16)))
     callback = QuantizationCallback(
         bits=4,
@@ -94,7 +92,8 @@ def test_compiled_lightning_module_through_every_phase(trainer_kwargs, tmp_path,
         agreement_batches=1,
     )
     trainer = pl.Trainer(max_steps=7, callbacks=[callback], **{**trainer_kwargs, "limit_train_batches": 4})
-    trainer.fit(torch.compile(model, backend="aot_eager"), DigitsDataModule(batch_size=32))
+    with torch._dynamo.config.patch(recompile_limit=6, fail_on_recompile_limit_hit=True):
+        trainer.fit(torch.compile(model, backend="aot_eager"), DigitsDataModule(batch_size=32))
 
     assert callback.phase == "qat_frozen"
     assert counters["frames"]["ok"] > 0

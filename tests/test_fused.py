@@ -11,9 +11,11 @@ from qat_lightning.quant import FakeQuantizer, activation_config, choose_qparams
 
 @pytest.fixture(autouse=True)
 def _fuse_everything(monkeypatch):
-    """Every CPU call takes the fused path (the real threshold skips tensors this small)."""
+    """Every CPU call takes the fused path (the real threshold skips tensors this small), with a fresh dynamo cache
+    (past its recompile limit dynamo would run the passes itself)."""
     monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
     monkeypatch.setattr(fused, "_enabled", True)
+    torch._dynamo.reset()
 
 
 def _data(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
