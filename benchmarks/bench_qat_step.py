@@ -4,17 +4,22 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
 
 - ``fp32``: the float model, eager.
 - ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b)`` builds them
-  (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits).
+  (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits), eager, with the fused
+  (inductor-compiled) fake quantization of ``qat_lightning.quant.fused`` on large tensors.
+- ``ours_4bit_passes``: ``ours_4bit`` with ``set_fused(False)``: the vectorised passes only.
 - ``ours_4bit_observed``: 4 bits with observed (moving-average) ranges instead of LSQ.
 - ``ours_8bit_lsq``: 8 bits with LSQ scales.
 - ``ours_4bit_frozen``: ``ours_4bit_observed`` after the observers are frozen (the last QAT epochs).
 - ``fx``: stock ``torch.ao`` FX ``prepare_qat_fx`` with the x86 default QAT qconfig (8 bit; deprecated).
 - ``pt2e``: torchao ``prepare_qat_pt2e`` with the X86 inductor quantizer on ``torch.export`` (when installed).
 - ``brevitas``: Brevitas layers at 4 bits (digits CNN only, when installed: the ``bench`` extra).
+- ``fp32_compiled``, ``ours_4bit_compiled``: the same models under ``torch.compile`` (inductor);
+  compilation happens in the warm-up. ``--no-compiled`` leaves them out.
 
 Paths are run round-robin after a warm-up and the median of each is reported; the ratios divide by the float
 median of the same run. Peak memory is measured apart: a fresh Python process builds one path, resets its
-peak resident set size (Linux ``/proc/self/clear_refs``) and reports how far 3 steps raise it.
+peak resident set size (Linux ``/proc/self/clear_refs``) after one step (which compiles what is compiled) and
+``malloc_trim`` (glibc keeps freed memory otherwise), and reports how far 3 more steps raise it.
 The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
 """
 
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import functools
 import importlib.util
 import json
 import statistics
@@ -34,20 +41,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning import SmallCNN
+from qat_lightning import SmallCNN, set_fused
 from qat_lightning.models import resnet20
 from qat_lightning.nn import apply_plan, plan_quantization, set_observers_enabled
 
 Step = Callable[[], None]
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+UNFUSED = {"ours_4bit_passes"}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        set_fused(fused)
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        finally:
+            set_fused(True)
 
     return step
 
@@ -70,11 +84,26 @@ def fx_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
 
 
+def split_reused_module_calls(graph: torch.fx.Graph) -> None:
+    """Give each call of a module that runs more than once (ResNet-20's shared ``relu``) its own name.
+
+    Export tags the second call's ``nn_module_stack`` entry with the same module name; torchao's quantizer then
+    merges both calls into one pattern and fails ("Input partition has more than one output node"). Renaming
+    ``relu`` to ``relu@1`` for the second call (export's own key for it) keeps them apart.
+    """
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        key, (name, cls) = next(reversed(stack.items()))
+        call = key.rpartition("@")[2]
+        if "@" in key and call.isdigit():
+            node.meta["nn_module_stack"] = {**stack, key: (f"{name}@{call}", cls)}
+
+
 def pt2e_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-
-    from qat_lightning.convert.int8 import split_reused_module_calls
 
     exported = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
     split_reused_module_calls(exported.graph)  # torchao's quantizer fails on a module called twice otherwise
@@ -100,10 +129,13 @@ def brevitas_cnn(bits: int) -> nn.Module:
     )
 
 
-def build_paths(name: str, model: nn.Module, x: torch.Tensor, only: str | None = None) -> dict[str, nn.Module]:
+def build_paths(
+    name: str, model: nn.Module, x: torch.Tensor, only: str | None = None, compiled: bool = True
+) -> dict[str, nn.Module]:
     builders: dict[str, Callable[[], nn.Module]] = {
         "fp32": lambda: copy.deepcopy(model),
         "ours_4bit": lambda: ours(model, x, 4, None),
+        "ours_4bit_passes": lambda: ours(model, x, 4, None),
         "ours_4bit_observed": lambda: ours(model, x, 4, False),
         "ours_4bit_frozen": lambda: ours(model, x, 4, False, frozen=True),
         "ours_8bit": lambda: ours(model, x, 8, None),
@@ -114,6 +146,10 @@ def build_paths(name: str, model: nn.Module, x: torch.Tensor, only: str | None =
         builders["pt2e"] = lambda: pt2e_qat(model, x)
     if name == "cnn" and importlib.util.find_spec("brevitas") is not None:
         builders["brevitas"] = lambda: brevitas_cnn(4)
+    if compiled:
+        for path in ("fp32", "ours_4bit"):
+            if path in builders:
+                builders[f"{path}_compiled"] = functools.partial(lambda build: torch.compile(build()), builders[path])
     return {path: build() for path, build in builders.items() if only in (None, path)}
 
 
@@ -123,9 +159,9 @@ SETUPS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
 }
 
 
-def peak_memory_mb(model_name: str, path: str) -> float:
+def peak_memory_mb(model_name: str, path: str, threads: int) -> float:
     """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``)."""
-    command = [sys.executable, __file__, "--memory-of", model_name, path]
+    command = [sys.executable, __file__, "--memory-of", model_name, path, "--threads", str(threads)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -134,7 +170,9 @@ def report_memory(model_name: str, path: str, threads: int) -> None:
     torch.set_num_threads(threads)
     model, x = SETUPS[model_name]()
     y = torch.randint(0, 10, (x.shape[0],))
-    step = train_step(build_paths(model_name, model.train(), x, only=path)[path], x, y)
+    step = train_step(build_paths(model_name, model.train(), x, only=path)[path], x, y, fused=path not in UNFUSED)
+    step()  # compiles what is compiled, outside the measured steps
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed heap back, so the 3 steps must raise RSS again
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM, the peak RSS, to the current RSS
@@ -149,7 +187,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
-    steps = {name: train_step(model, x, y) for name, model in paths.items()}
+    steps = {name: train_step(model, x, y, fused=name not in UNFUSED) for name, model in paths.items()}
     for step in steps.values():  # warm-up
         for _ in range(3):
             step()
@@ -166,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25, help="timed steps per path (median reported)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -177,13 +216,13 @@ def main() -> None:
     for name, setup in SETUPS.items():
         model, x = setup()
         y = torch.randint(0, 10, (x.shape[0],))
-        paths = build_paths(name, model.train(), x)
+        paths = build_paths(name, model.train(), x, compiled=not args.no_compiled)
         medians = measure(paths, x, y, args.rounds)
         print(f"\n{name}, batch {x.shape[0]}, {args.threads} threads, median of {args.rounds} interleaved steps")
         print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}")
         for path, seconds in medians.items():
             ratio = seconds / medians["fp32"]
-            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(name, path):>10.1f}")
+            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(name, path, args.threads):>10.1f}")
             summary[f"{name}_{path}_ratio"] = round(ratio, 3)
     best_stock = min(summary[k] for k in ("resnet20_fx_ratio", "resnet20_pt2e_ratio") if k in summary)
     result = {
@@ -192,6 +231,11 @@ def main() -> None:
         "ratio_fx_vs_fp32": summary["resnet20_fx_ratio"],
         "ratio_pt2e_vs_fp32": summary.get("resnet20_pt2e_ratio"),
         "ours_below_best_stock": summary["resnet20_ours_4bit_ratio"] < best_stock,
+        "ratio_ours_compiled_vs_fp32_compiled": (
+            round(summary["resnet20_ours_4bit_compiled_ratio"] / summary["resnet20_fp32_compiled_ratio"], 3)
+            if "resnet20_ours_4bit_compiled_ratio" in summary
+            else None
+        ),
         **summary,
     }
     print(json.dumps(result))

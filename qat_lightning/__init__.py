@@ -51,7 +51,7 @@ from qat_lightning.nn import (
     restore_float,
     share_input_quantizers,
 )
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, sqnr_db
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, set_fused, sqnr_db
 from qat_lightning.report import MetricTable
 
 __version__ = "0.1.0"
@@ -110,5 +110,6 @@ __all__ = [
     "restore_float",
     "sqnr_db",
     "save_packed_weights",
+    "set_fused",
     "share_input_quantizers",
 ]

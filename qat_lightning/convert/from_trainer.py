@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.compile import to_uncompiled
 
 from qat_lightning.convert.api import Batch, ConversionResult, convert_model
 from qat_lightning.convert.backends import DEFAULT_FORMATS, backend
@@ -93,7 +95,8 @@ def convert_from_trainer(
     example = _example_inputs(trainer, pl_module)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(trainer)
     checks = _validation_batches(trainer, agreement_batches) if trainer.val_dataloaders is not None else None
-    result = convert_model(pl_module, example, output_dir, formats=formats, check_batches=checks)
+    with uncompiled(pl_module):
+        result = convert_model(pl_module, example, output_dir, formats=formats, check_batches=checks)
     files = ", ".join(f"{p.name} ({size / 1e3:.1f} kB)" for p, size in result.sizes.items())
     rank_zero_info(
         f"qat-lightning: int8 model written to {output_dir}: {files}; {len(result.int8_layers)} layers on int8 "
@@ -105,6 +108,30 @@ def convert_from_trainer(
         )
     _log_fidelity(trainer, result)
     return result
+
+
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+@contextlib.contextmanager
+def uncompiled(pl_module: pl.LightningModule) -> Iterator[pl.LightningModule]:
+    """``pl_module`` with its own methods for the duration, whether or not it was fitted ``torch.compile``d.
+
+    ``Trainer.fit(torch.compile(module))`` runs ``module`` with ``forward`` and the ``*_step`` methods wrapped in
+    the compiler (``lightning.pytorch.utilities.compile.from_compiled``); ``torch.export`` and the checks of the
+    converted files must trace and run the plain ones. The compiled methods are put back afterwards.
+    """
+    if getattr(pl_module, "_compiler_ctx", None) is None:
+        yield pl_module
+        return
+    compiled = {name: pl_module.__dict__[name] for name in _COMPILED_METHODS if name in pl_module.__dict__}
+    context = pl_module._compiler_ctx
+    to_uncompiled(pl_module)
+    try:
+        yield pl_module
+    finally:
+        pl_module.__dict__.update(compiled)
+        pl_module._compiler_ctx = context
 
 
 def _log_fidelity(trainer: pl.Trainer, result: ConversionResult) -> None:

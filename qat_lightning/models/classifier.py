@@ -80,6 +80,11 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val")
+        self._update_metrics(metrics, logits, y)
+
+    @torch.compiler.disable
+    def _update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Update and log ``metrics`` eagerly: under ``torch.compile`` torchmetrics' checks break the trace."""
         metrics.update(logits, y)
         for name, metric in metrics.items():
             self.log(name, metric, prog_bar=name == "val/acc")

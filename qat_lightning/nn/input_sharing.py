@@ -76,7 +76,8 @@ def find_input_producers(
 ) -> dict[str, str]:
     """``{layer: producer}``: the module whose output each quantizable or fake-quantized layer reads.
 
-    Runs ``model(*example_inputs, **example_kwargs)`` once in eval mode (modes are restored; no observer updates).
+    Runs ``model(*example_inputs, **example_kwargs)`` once in eval mode (modes are restored; no observer updates),
+    eagerly even where it is ``torch.compile``d.
     The producer is the last module that returned the layer's input tensor: the outermost of nested modules
     returning it, and the last of a chain of modules that pass it through (a ``Dropout`` in eval mode), so that the
     rounding happens after them in training too. A layer is left out when it runs more than once, when that module
@@ -103,7 +104,8 @@ def find_input_producers(
     modes = {m: m.training for m in names}
     model.eval()
     try:
-        model(*example_inputs, **(example_kwargs or {}))
+        with torch.compiler.set_stance("force_eager"):  # the hooks read tensors: run a compiled forward as is
+            model(*example_inputs, **(example_kwargs or {}))
     finally:
         for handle in handles:
             handle.remove()

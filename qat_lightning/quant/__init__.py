@@ -3,6 +3,7 @@
 from qat_lightning.quant.config import QuantizerConfig, activation_config, weight_config
 from qat_lightning.quant.error import max_abs_error, sqnr_db
 from qat_lightning.quant.fake_quantizer import FakeQuantizer
+from qat_lightning.quant.fused import set_fused
 from qat_lightning.quant.observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -37,6 +38,7 @@ __all__ = [
     "max_abs_error",
     "quant_range",
     "quantize",
+    "set_fused",
     "sqnr_db",
     "weight_config",
 ]

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
+from qat_lightning.quant.fused import fake_quantize_lsq
 from qat_lightning.quant.observers import build_observer
 from qat_lightning.quant.primitives import EPS, broadcast_along, choose_qparams, quant_range, quantize
-from qat_lightning.quant.straight_through import fake_quantize_lsq, fake_quantize_ste
+from qat_lightning.quant.straight_through import fake_quantize_ste
 
 
 class FakeQuantizer(nn.Module):

@@ -1,0 +1,110 @@
+"""The fused (inductor-compiled) fake quantization: torch's kernels' numbers, the passes' gradients, a fallback."""
+
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+
+from qat_lightning.quant import FakeQuantizer, activation_config, choose_qparams, fused, quant_range, straight_through
+
+
+@pytest.fixture(autouse=True)
+def _fuse_everything(monkeypatch):
+    """Every CPU call takes the fused path (the real threshold skips tensors this small), with a fresh dynamo cache
+    (past its recompile limit dynamo would run the passes itself)."""
+    monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "_enabled", True)
+    torch._dynamo.reset()
+
+
+def _data(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Random values beyond both ends of the range, exact half-step ties, and the 8 float32 neighbours of each
+    range edge (``(qmin - zp - 0.5) * s`` and ``(qmax - zp + 0.5) * s``)."""
+    span = (qmax - qmin) * scale
+    lo = (qmin - zero_point) * scale
+    x = lo - 0.3 * span + torch.rand(3000) * 1.6 * span
+    ties = (torch.arange(qmin - 2, qmax + 2, dtype=torch.float32) - zero_point + 0.5) * scale
+    edges = torch.stack([(qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale]).float()
+    neighbours = [edges]
+    for direction in (float("inf"), float("-inf")):
+        step = edges
+        for _ in range(4):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            neighbours.append(step)
+    return torch.cat([x, ties, *neighbours])
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True)])
+def test_fused_lsq_values_and_input_gradient_equal_torch_kernel(bits, symmetric):
+    qmin, qmax = quant_range(bits, symmetric)
+    scale, zero_point = choose_qparams(torch.tensor(-1.7), torch.tensor(2.9), bits, symmetric)
+    x = _data(scale, zero_point, qmin, qmax)
+    ours_x, ref_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = fused.fake_quantize_lsq(ours_x, scale.clone().requires_grad_(True), zero_point, qmin, qmax, 0.01)
+    ref = torch.fake_quantize_per_tensor_affine(ref_x, scale, zero_point, qmin, qmax)
+    assert "Compiled" in type(ours.grad_fn).__name__  # the fused kernel ran, not the passes
+    assert torch.equal(ours, ref)
+    grad_out = torch.randn_like(x)
+    ours.backward(grad_out)
+    ref.backward(grad_out)
+    assert torch.equal(ours_x.grad, ref_x.grad)
+    assert (ref_x.grad == 0).any() and (ref_x.grad != 0).any()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_lsq_equals_the_passes(per_channel):
+    qmin, qmax = quant_range(4, not per_channel)
+    channels = 3 if per_channel else 1
+    lo, hi = torch.tensor(-1.7) * torch.arange(1.0, channels + 1), torch.tensor(2.9) * torch.arange(1.0, channels + 1)
+    scale, zero_point = choose_qparams(lo, hi, 4, not per_channel)
+    x = torch.stack([_data(scale[c], zero_point[c], qmin, qmax) for c in range(channels)], dim=1)  # (n, channels)
+    if not per_channel:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    else:
+        scale, zero_point = scale.reshape(1, channels), zero_point.reshape(1, channels)
+    grad_out = torch.randn_like(x)
+    results = []
+    for function in (fused.fake_quantize_lsq, straight_through.fake_quantize_lsq):
+        xx, ss = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        out = function(xx, ss, zero_point, qmin, qmax, 0.01)
+        out.backward(grad_out)
+        results.append((out.detach(), xx.grad, ss.grad))
+    (out, x_grad, scale_grad), (ref_out, ref_x_grad, ref_scale_grad) = results
+    assert torch.equal(out, ref_out)
+    assert torch.equal(x_grad, ref_x_grad)
+    torch.testing.assert_close(scale_grad, ref_scale_grad, rtol=1e-5, atol=0.0)  # one sum, in another order
+    assert (ref_scale_grad != 0).all()
+
+
+def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "_kernel", no_compiler)
+    quantizer = FakeQuantizer(activation_config(4, learned_scale=True))
+    x = torch.randn(4, 8, 5, 5)
+    quantizer(x)  # initialises the LSQ scale; the next calls round with it
+    with caplog.at_level(logging.WARNING, logger="qat_lightning.quant.fused"):
+        out = quantizer(x)
+        quantizer(x)
+    assert [r.getMessage() for r in caplog.records] == [
+        "qat_lightning: fused fake quantization unavailable (no C++ compiler); using vectorised passes."
+    ]
+    expected = torch.fake_quantize_per_tensor_affine(x, quantizer.scale.detach(), quantizer.zero_point, 0, 15)
+    assert torch.equal(out, expected)
+
+
+def test_inside_torch_compile_the_caller_fuses(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "_kernel", lambda: calls.append("kernel"))
+    torch._dynamo.reset()
+    quantizer = FakeQuantizer(activation_config(4, learned_scale=True))
+    x = torch.randn(4, 8, 5, 5)
+    with torch.no_grad():
+        quantizer(x)  # initialises the LSQ scale
+    out = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(x)
+    assert calls == []
+    expected = torch.fake_quantize_per_tensor_affine(x, quantizer.scale.detach(), quantizer.zero_point, 0, 15)
+    assert torch.equal(out, expected)
+    torch._dynamo.reset()
