@@ -96,7 +96,7 @@ def ptq(float_model: ImageClassifier, dm: DigitsDataModule, bits: int, naive: bo
 
 
 def qat(float_model: ImageClassifier, dm: DigitsDataModule, bits: int, epochs: int, lr: float) -> float:
-    model = copy.deepcopy(float_model)
+    model = copy.deepcopy(float_model).train()  # test_accuracy left it in eval mode, which Lightning keeps
     model.hparams.lr = lr
     fit(model, dm, epochs, [QuantizationCallback(bits=bits, warmup_epochs=0)])
     return test_accuracy(model, dm)

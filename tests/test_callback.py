@@ -472,11 +472,12 @@ def test_bad_activation_bits(activation_bits):
             r"`freeze_observers_step`=9 is earlier than `warmup_steps`=10",
         ),
         (
-            dict(warmup_epochs=2, freeze_observers_epoch=2),
-            r"`freeze_observers_epoch`=2 equals `warmup_epochs`=2: .*never set the scales.*use a value >= 3",
+            dict(warmup_epochs=2, freeze_observers_epoch=2, calibration_batches=0),
+            r"`freeze_observers_epoch`=2 equals `warmup_epochs`=2: .*never set the scales without calibration.*use a "
+            r"value >= 3",
         ),
         (
-            dict(warmup_steps=7, freeze_observers_step=7),
+            dict(warmup_steps=7, freeze_observers_step=7, calibration_batches=0),
             r"`freeze_observers_step`=7 equals `warmup_steps`=7: .*use a value >= 8",
         ),
         (dict(freeze_bn_epoch=3, freeze_bn_step=100), r"Give `freeze_bn_epoch` or `freeze_bn_step`, not both"),

@@ -83,6 +83,13 @@ class Observer(nn.Module):
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def reset_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Forget what was observed and hold the range ``[min_val, max_val]`` (shape of ``min_val``) instead."""
+        self.min_val.copy_(min_val)
+        self.max_val.copy_(max_val)
+        self.initialized.fill_(True)
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range observed so far (see ``primitives.choose_qparams``)."""
         return choose_qparams(self.min_val, self.max_val, self.config.bits, self.config.symmetric)
@@ -145,6 +152,10 @@ class MSEObserver(MinMaxObserver):
         merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
         self._sample = merged[:, -self.max_samples :]
         return x
+
+    def reset_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        super().reset_range(min_val, max_val)
+        self._sample = None
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sample is None:
