@@ -115,9 +115,21 @@ class QuantizationCallback(Callback):
        place (see :class:`~qat_lightning.nn.QuantizationRecipe` for its defaults: weights per-channel symmetric
        at ``bits``, inputs per-tensor asymmetric, first and last layer at 8 bits, LSQ at <= 4 bits), with
        straight-through gradients. Parameters stay the same objects, so the optimizer and its state carry on.
-       The model's ``forward`` is not touched.
-    3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
-    4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
+       The model's ``forward`` is not touched. The quantizers then start from our PTQ calibration
+       (``qat_lightning.calibration.calibrate_for_training``): ``calibration_batches`` training batches run
+       through ``predict_step`` without gradient, BatchNorm in eval mode, and every input quantizer and every LSQ
+       scale gets the MSE-searched (error-minimising) range, observed weights the current weights' range; so QAT
+       of a trained float model starts where PTQ ends. LSQ scales are learned from there; observed input
+       ranges move on from there as a moving average. (A ``predict_step`` that cannot run the training batches
+       gives a warning, and the quantizers start from the first training batch's range instead.)
+    2b. With ``progressive`` (APoT's schedule), the layers at ``bits`` train at each of its widths in turn, for
+       ``progressive_epochs`` epochs each, each stage starting from the previous one's clipping ranges
+       (``FakeQuantizer.set_bits``), then at ``bits``: ``bits=2, progressive=(4, 3)`` is float, 4, 3, then
+       2 bits. Layers at another width (``first_last_bits``, ``layer_bits``) keep it. The freezes below come in
+       the final stage.
+    3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into the final stage).
+    4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into the final stage): observed
+       scales stop moving.
     5. At fit end (``convert_on_fit_end``), on rank zero: the model is read out in integer form (BatchNorm
        folded, the trained scales) and written in each of ``formats`` (default: a ``torch.export`` ``.pt2``
        program and an ONNX QDQ file) plus a packed low-bit weight file, in ``<log_dir>/quantized``, each checked
@@ -144,8 +156,10 @@ class QuantizationCallback(Callback):
             activation_observer: the quantization recipe, as the fields of
             :class:`~qat_lightning.nn.QuantizationRecipe` (same meaning, same defaults); or give ``recipe``.
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
-        freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
-        freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
+        freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: 3 epochs after the final stage
+            starts, i.e. warmup + 3 without ``progressive``).
+        freeze_observers_epoch: epoch at which observers are frozen, at or after ``warmup_epochs`` (``None``: 4
+            epochs after the final stage starts); equal to the warmup only with calibration.
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
@@ -153,7 +167,11 @@ class QuantizationCallback(Callback):
             eval mode) and freeze them: the baseline QAT is compared against. Calibration runs the module's
             ``predict_step(batch, batch_idx)``; scales are observed (``learned_scale=True`` is an error) and
             ``activation_observer=None`` means MSE-searched clipping.
-        calibration_batches: batches observed in PTQ mode.
+        calibration_batches: training batches calibrated on as fake quantization starts (QAT: the PTQ start
+            above; ``0``: none, the quantizers start from the first training batch), or observed in PTQ mode.
+        progressive: bit widths the layers at ``bits`` train at before it, strictly decreasing, each above
+            ``bits`` (e.g. ``(4, 3)`` for ``bits=2``); ``()``: none. Epoch schedules only.
+        progressive_epochs: epochs of each ``progressive`` stage: one integer for all, or one per stage.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
         convert_on_fit_end: write the int8 files (and packed weights) when ``fit`` ends.
         convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
