@@ -64,7 +64,16 @@ BITS = (2, 4, 8)
 QAT_VARIANTS: dict[str, dict[str, Any]] = {
     "qat": {},
     "qat_all": {"first_last_bits": None},
+    "qat_uncalibrated": {"calibration_batches": 0},  # quantizers start from the first batch's min/max
+    "qat_progressive": {"progressive": (4, 3)},  # 4 -> 3 -> b bits, one epoch per stage (b < 3 only)
 }
+
+
+def variant_applies(kwargs: dict[str, Any], bits: int, qat_epochs: int) -> bool:
+    """Whether a variant is defined at ``bits`` within ``qat_epochs``: progressive stages must lie above ``bits``
+    and leave at least one epoch at ``bits``."""
+    stages = kwargs.get("progressive", ())
+    return all(width > bits for width in stages) and qat_epochs > len(stages)
 
 
 class Resized(nn.Module):
@@ -209,6 +218,8 @@ def run_seed(job: Job, dm: VisionDataModule, seed: int, quick: bool, brevitas: b
         results[f"ptq_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=8)
         results[f"ptq_all_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=None)
         for variant, kwargs in QAT_VARIANTS.items():
+            if not variant_applies(kwargs, bits, qat_epochs):
+                continue
             pl.seed_everything(seed * 100 + bits, verbose=False)
             results[f"{variant}_{bits}"] = qat(float_model, dm, qat_epochs, job.qat_lr, bits=bits, **kwargs)
         if brevitas and job.sequential:

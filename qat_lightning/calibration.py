@@ -1,7 +1,9 @@
-"""Post-training calibration: run a few batches through a fake-quantized model to set its scales."""
+"""Calibration: run a few batches through a fake-quantized model to set its scales (PTQ, and the start of QAT)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -9,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.nn import quantizers, set_observers_enabled
+from qat_lightning.nn import FakeQuantizedModule, quantizers, set_observers_enabled
+from qat_lightning.quant import FakeQuantizer, build_observer
 
 
 @torch.no_grad()
@@ -33,4 +36,58 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, 
         seen += 1
     set_observers_enabled(model, False)
     model.train(was_training)
+    return seen
+
+
+def _searched(model: nn.Module) -> list[FakeQuantizer]:
+    """The quantizers whose calibration searches the error-minimising range: every input quantizer and every
+    learned-scale (LSQ) one. Observed weight quantizers keep their own observer (the current weights' range)."""
+    observed_weights = {
+        id(q)
+        for m in model.modules()
+        if isinstance(m, FakeQuantizedModule)
+        for q in m.weight_quantizers().values()
+        if not q.config.learned_scale
+    }
+    return [q for q in quantizers(model) if id(q) not in observed_weights]
+
+
+@torch.no_grad()
+def calibrate_for_training(
+    model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, int], Any], num_batches: int
+) -> int:
+    """Start QAT from the PTQ calibration: give every quantizer of ``model`` the grid our PTQ would give it.
+
+    Runs :func:`calibrate` with every input quantizer and every learned-scale (LSQ) quantizer on an MSE-searched
+    range (``MSEObserver``: the clipping ratio of the observed range that minimises the squared quantization
+    error, per channel for per-channel weights), observed weight quantizers on their own observer; so a model
+    calibrated here computes what ``QuantizationCallback(mode="ptq")`` gives the same model on the same batches
+    (bit for bit where the plans agree). Then each quantizer keeps its own observer and config again, seeded
+    with the calibrated range (``FakeQuantizer.start_from``): LSQ scales are learned from the searched ones,
+    observers that keep updating move on from the searched range. Observers end enabled as they were.
+
+    If ``forward`` raises, every quantizer is put back as it was (uncalibrated) and the error propagates.
+
+    Returns:
+        The number of batches observed.
+    """
+    searched = _searched(model)
+    saved = {q: (q.config, q.observer, q.observer_enabled, copy.deepcopy(q.state_dict())) for q in quantizers(model)}
+    for q in searched:
+        search = dataclasses.replace(q.config, observer="mse", learned_scale=False)
+        q.config, q.observer = search, build_observer(search, q.scale.numel()).to(q.scale.device)
+    try:
+        seen = calibrate(model, batches, forward, num_batches)
+    except BaseException:
+        for q, (config, observer, enabled, state) in saved.items():
+            q.config, q.observer, q.observer_enabled = config, observer, enabled
+            q.load_state_dict(state)
+        raise
+    for q, (config, observer, enabled, _) in saved.items():
+        q.observer_enabled = enabled
+        if q in searched:
+            observed = bool(q.observer.initialized)  # False for a quantizer the batches never reached
+            q.config, q.observer = config, observer
+            if observed:
+                q.start_from(q.scale.detach().clone(), q.zero_point.clone())
     return seen

@@ -430,7 +430,8 @@ class MaskedRegressor(pl.LightningModule):
 
 def test_forward_with_several_inputs_and_keywords(trainer_kwargs):
     module = MaskedRegressor()
-    callback = QuantizationCallback(bits=8, warmup_epochs=1, convert_on_fit_end=False)
+    # its default predict_step cannot run its batches, so no calibration (see the test after this one)
+    callback = QuantizationCallback(bits=8, warmup_epochs=1, convert_on_fit_end=False, calibration_batches=0)
     trainer = pl.Trainer(max_epochs=3, callbacks=[callback], **trainer_kwargs)
     trainer.fit(module)
     assert is_prepared(module) and callback.quantized
@@ -441,6 +442,15 @@ def test_forward_with_several_inputs_and_keywords(trainer_kwargs):
     module.eval()
     x = torch.randn(3, 6)
     assert torch.allclose(module(x, None, scale=2.0), 2 * module(x))
+
+
+def test_calibration_falls_back_to_the_first_batch_when_predict_step_fails(trainer_kwargs):
+    module = MaskedRegressor()
+    callback = QuantizationCallback(bits=8, warmup_epochs=1, convert_on_fit_end=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback], **trainer_kwargs)
+    with pytest.warns(UserWarning, match=r"could not calibrate the quantizers .*`predict_step`.*first training"):
+        trainer.fit(module)
+    assert all(q.calibrated for q in quantizers(module))  # observed from the first QAT batch on, as without it
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -472,11 +482,12 @@ def test_bad_activation_bits(activation_bits):
             r"`freeze_observers_step`=9 is earlier than `warmup_steps`=10",
         ),
         (
-            dict(warmup_epochs=2, freeze_observers_epoch=2),
-            r"`freeze_observers_epoch`=2 equals `warmup_epochs`=2: .*never set the scales.*use a value >= 3",
+            dict(warmup_epochs=2, freeze_observers_epoch=2, calibration_batches=0),
+            r"`freeze_observers_epoch`=2 equals `warmup_epochs`=2: .*never set the scales without calibration.*use a "
+            r"value >= 3",
         ),
         (
-            dict(warmup_steps=7, freeze_observers_step=7),
+            dict(warmup_steps=7, freeze_observers_step=7, calibration_batches=0),
             r"`freeze_observers_step`=7 equals `warmup_steps`=7: .*use a value >= 8",
         ),
         (dict(freeze_bn_epoch=3, freeze_bn_step=100), r"Give `freeze_bn_epoch` or `freeze_bn_step`, not both"),

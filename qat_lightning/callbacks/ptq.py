@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,16 +49,7 @@ class PostTrainingQuantization:
             of the form ``(input, target)`` with predictions matching the targets.
         """
 
-        def predict(batch: Any, batch_idx: int) -> torch.Tensor:
-            try:
-                return pl_module.predict_step(trainer.strategy.batch_to_device(batch), batch_idx)
-            except Exception as err:
-                raise RuntimeError(
-                    f"PTQ calibration runs `{type(pl_module).__name__}.predict_step(batch, batch_idx)` on training "
-                    "batches and it failed; implement `predict_step` so that it runs the model on your batch "
-                    "format (e.g. `return self(batch[0])` for `(input, target)` batches)."
-                ) from err
-
+        predict = predict_step_forward(trainer, pl_module)
         seen = calibrate(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
         rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
         if trainer.val_dataloaders is None:
@@ -76,6 +68,23 @@ class PostTrainingQuantization:
             f"{self.recipe.bits}-bit PTQ validation accuracy {_format(quantized_score)} (predict_step vs targets; "
             "run trainer.validate/test for every metric)"
         )
+
+
+def predict_step_forward(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any, int], Any]:
+    """``forward(batch, batch_idx)`` for calibration: the module's ``predict_step`` on the batch moved to its device;
+    a failure is re-raised as a ``RuntimeError`` that says what to implement."""
+
+    def predict(batch: Any, batch_idx: int) -> Any:
+        try:
+            return pl_module.predict_step(trainer.strategy.batch_to_device(batch), batch_idx)
+        except Exception as err:
+            raise RuntimeError(
+                f"Calibration runs `{type(pl_module).__name__}.predict_step(batch, batch_idx)` on training "
+                "batches and it failed; implement `predict_step` so that it runs the model on your batch "
+                "format (e.g. `return self(batch[0])` for `(input, target)` batches)."
+            ) from err
+
+    return predict
 
 
 def _format(score: float | None) -> str:

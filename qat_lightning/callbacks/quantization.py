@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from qat_lightning.calibration import calibrate_for_training
 from qat_lightning.callbacks.optimizers import give_parameters_own_group
-from qat_lightning.callbacks.ptq import PostTrainingQuantization
+from qat_lightning.callbacks.progressive import ProgressiveBits
+from qat_lightning.callbacks.ptq import PostTrainingQuantization, predict_step_forward
 from qat_lightning.convert.backends import DEFAULT_FORMATS, check_formats
 from qat_lightning.convert.from_trainer import convert_from_trainer, example_array_inputs
 from qat_lightning.nn import (
@@ -113,9 +115,21 @@ class QuantizationCallback(Callback):
        place (see :class:`~qat_lightning.nn.QuantizationRecipe` for its defaults: weights per-channel symmetric
        at ``bits``, inputs per-tensor asymmetric, first and last layer at 8 bits, LSQ at <= 4 bits), with
        straight-through gradients. Parameters stay the same objects, so the optimizer and its state carry on.
-       The model's ``forward`` is not touched.
-    3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into QAT).
-    4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into QAT): scales stop moving.
+       The model's ``forward`` is not touched. The quantizers then start from our PTQ calibration
+       (``qat_lightning.calibration.calibrate_for_training``): ``calibration_batches`` training batches run
+       through ``predict_step`` without gradient, BatchNorm in eval mode, and every input quantizer and every LSQ
+       scale gets the MSE-searched (error-minimising) range, observed weights the current weights' range; so QAT
+       of a trained float model starts where PTQ ends. LSQ scales are learned from there; observed input
+       ranges move on from there as a moving average. (A ``predict_step`` that cannot run the training batches
+       gives a warning, and the quantizers start from the first training batch's range instead.)
+    2b. With ``progressive`` (APoT's schedule), the layers at ``bits`` train at each of its widths in turn, for
+       ``progressive_epochs`` epochs each, each stage starting from the previous one's clipping ranges
+       (``FakeQuantizer.set_bits``), then at ``bits``: ``bits=2, progressive=(4, 3)`` is float, 4, 3, then
+       2 bits. Layers at another width (``first_last_bits``, ``layer_bits``) keep it. The freezes below come in
+       the final stage.
+    3. BatchNorm running statistics are frozen at ``freeze_bn_epoch`` (default: 3 epochs into the final stage).
+    4. Observers are frozen at ``freeze_observers_epoch`` (default: 4 epochs into the final stage): observed
+       scales stop moving.
     5. At fit end (``convert_on_fit_end``), on rank zero: the model is read out in integer form (BatchNorm
        folded, the trained scales) and written in each of ``formats`` (default: a ``torch.export`` ``.pt2``
        program and an ONNX QDQ file) plus a packed low-bit weight file, in ``<log_dir>/quantized``, each checked
@@ -142,8 +156,10 @@ class QuantizationCallback(Callback):
             activation_observer: the quantization recipe, as the fields of
             :class:`~qat_lightning.nn.QuantizationRecipe` (same meaning, same defaults); or give ``recipe``.
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
-        freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: warmup + 3).
-        freeze_observers_epoch: epoch at which observers are frozen, after ``warmup_epochs`` (``None``: warmup + 4).
+        freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: 3 epochs after the final stage
+            starts, i.e. warmup + 3 without ``progressive``).
+        freeze_observers_epoch: epoch at which observers are frozen, at or after ``warmup_epochs`` (``None``: 4
+            epochs after the final stage starts); equal to the warmup only with calibration.
         warmup_steps, freeze_bn_step, freeze_observers_step: the same schedule in optimizer steps;
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
@@ -151,7 +167,11 @@ class QuantizationCallback(Callback):
             eval mode) and freeze them: the baseline QAT is compared against. Calibration runs the module's
             ``predict_step(batch, batch_idx)``; scales are observed (``learned_scale=True`` is an error) and
             ``activation_observer=None`` means MSE-searched clipping.
-        calibration_batches: batches observed in PTQ mode.
+        calibration_batches: training batches calibrated on as fake quantization starts (QAT: the PTQ start
+            above; ``0``: none, the quantizers start from the first training batch), or observed in PTQ mode.
+        progressive: bit widths the layers at ``bits`` train at before it, strictly decreasing, each above
+            ``bits`` (e.g. ``(4, 3)`` for ``bits=2``); ``()``: none. Epoch schedules only.
+        progressive_epochs: epochs of each ``progressive`` stage: one integer for all, or one per stage.
         monitor: the validation metric reported for the FP32 and the quantized phase at fit end.
         convert_on_fit_end: write the int8 files (and packed weights) when ``fit`` ends.
         convert_dir: directory for those files (``None``: ``<trainer.log_dir>/quantized``).
@@ -193,6 +213,8 @@ class QuantizationCallback(Callback):
         activation_observer: ObserverName | None = QuantizationRecipe.activation_observer,
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
+        progressive: Sequence[int] = (),
+        progressive_epochs: int | Sequence[int] = 1,
         monitor: str = "val/acc",
         convert_on_fit_end: bool = True,
         convert_dir: str | Path | None = None,
@@ -228,11 +250,22 @@ class QuantizationCallback(Callback):
             "freeze_observers_step": freeze_observers_step,
         }.items():
             _check_count(value, name, optional=name != "warmup_epochs")
+        self.calibration_batches = calibration_batches
+        self._progressive = ProgressiveBits(
+            recipe.bits, progressive, progressive_epochs, warmup_epochs, mode=mode, warmup_steps=warmup_steps
+        )
         if warmup_steps is None:
+            final = self._progressive.final_epoch  # BatchNorm and observers freeze in the final stage
             if freeze_bn_epoch is None and freeze_bn_step is None:
-                freeze_bn_epoch = warmup_epochs + BN_FREEZE_DELAY_EPOCHS
+                freeze_bn_epoch = final + BN_FREEZE_DELAY_EPOCHS
             if freeze_observers_epoch is None and freeze_observers_step is None:
-                freeze_observers_epoch = warmup_epochs + OBSERVER_FREEZE_DELAY_EPOCHS
+                freeze_observers_epoch = final + OBSERVER_FREEZE_DELAY_EPOCHS
+            self._progressive.check_freezes(
+                freeze_bn_epoch=freeze_bn_epoch,
+                freeze_bn_step=freeze_bn_step,
+                freeze_observers_epoch=freeze_observers_epoch,
+                freeze_observers_step=freeze_observers_step,
+            )
             self._insert = _Event("warmup", warmup_epochs, None)
             self._check_order(
                 "warmup_epochs",
@@ -264,24 +297,30 @@ class QuantizationCallback(Callback):
         self.fp32_score: float | None = None
         self.quantized_score: float | None = None
 
-    @staticmethod
-    def _check_order(warmup_name: str, warmup: int, **freezes: int | None) -> None:
+    def _check_order(self, warmup_name: str, warmup: int, **freezes: int | None) -> None:
         for name, value in freezes.items():
             if value is not None and value < warmup:
                 raise ValueError(
                     f"`{name}`={value} is earlier than `{warmup_name}`={warmup}: observers and BatchNorm can "
                     f"only be frozen once fake quantization is in place; use a value >= {warmup}."
                 )
-            if name.startswith("freeze_observers") and value == warmup:
+            calibrated = self.mode == "qat" and self.calibration_batches > 0
+            if name.startswith("freeze_observers") and value == warmup and not calibrated:
                 raise ValueError(
                     f"`{name}`={value} equals `{warmup_name}`={warmup}: observers frozen as fake quantization starts "
-                    f"never set the scales, so the model would train in float; use a value >= {warmup + 1}."
+                    f"never set the scales without calibration (`calibration_batches`=0), so the model would train in "
+                    f"float; use a value >= {warmup + 1}, or calibrate."
                 )
 
     @property
     def bits(self) -> int:
-        """The recipe's weight bit width (layers it gives their own width excepted)."""
+        """The recipe's weight bit width (layers it gives their own width excepted): that of the final stage."""
         return self.recipe.bits
+
+    @property
+    def stage_bits(self) -> int:
+        """The bit width the layers at ``bits`` train at now: a ``progressive`` stage's, else ``bits``."""
+        return self._progressive.bits_of(self._progressive.stage)
 
     @property
     def phase(self) -> str:
@@ -418,7 +457,11 @@ class QuantizationCallback(Callback):
             return
         epoch, step = trainer.current_epoch, trainer.global_step
         if not self.quantized and self._insert.due(epoch, step):
+            self._progressive.stage = self._progressive.stage_at(epoch)
             self._insert_fake_quant(pl_module, reason=f"at {self._insert}")
+            self._calibrate(trainer, pl_module)
+        if self.quantized:
+            self._progressive.advance(epoch, pl_module, self.plan)
         if self.quantized and not self.bn_frozen and self._freeze_bn.due(epoch, step):
             n = freeze_batchnorm_stats(pl_module)
             self.bn_frozen = True
@@ -446,15 +489,47 @@ class QuantizationCallback(Callback):
             plan = with_input_producers(plan, self._share_inputs(pl_module))
         self.plan = plan
         self.quantized = True
+        self._progressive.apply(pl_module, plan)
         if self.observers_frozen:
             set_observers_enabled(pl_module, False)
         rank_zero_info(
             f"QuantizationCallback: inserted fake quantization {reason} into {len(plan)} layers "
-            f"({self.bits}-bit unless the plan says otherwise)."
+            f"({self.stage_bits}-bit unless the plan says otherwise)."
         )
         trainer = getattr(pl_module, "_trainer", None)
         if trainer is not None:
             self._group_learned_scales(trainer, pl_module)
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start QAT from the PTQ calibration (``calibrate_for_training``) on ``calibration_batches`` batches."""
+        if self.calibration_batches == 0 or trainer.train_dataloader is None:
+            return
+        try:
+            seen = calibrate_for_training(
+                pl_module, trainer.train_dataloader, predict_step_forward(trainer, pl_module), self.calibration_batches
+            )
+        except RuntimeError as err:
+            rank_zero_warn(
+                f"QuantizationCallback: could not calibrate the quantizers as fake quantization starts ({err} Cause: "
+                f"{err.__cause__!r}); they start from the range of the first training batch instead. Set "
+                "`calibration_batches=0` to silence this."
+            )
+            return
+        self._broadcast_scales(trainer, pl_module)
+        rank_zero_info(
+            f"QuantizationCallback: calibrated the quantizers on {seen} training batches (error-minimising ranges)."
+        )
+
+    @staticmethod
+    def _broadcast_scales(trainer: pl.Trainer, pl_module: torch.nn.Module) -> None:
+        """Give every process rank zero's calibrated scales and zero points (each calibrated on its own batches)."""
+        if trainer.world_size == 1:
+            return
+        grids = [(q.scale.detach().cpu(), q.zero_point.cpu()) for q in quantizers(pl_module)]
+        grids = trainer.strategy.broadcast(grids, src=0)
+        for q, (scale, zero_point) in zip(quantizers(pl_module), grids, strict=True):
+            if q.calibrated:
+                q.start_from(scale.to(q.scale.device), zero_point.to(q.zero_point.device))
 
     def _share_inputs(self, pl_module: torch.nn.Module) -> dict[str, str]:
         """Round each shared layer input where it is produced (``share_input_quantizers``), traced on the inputs of
@@ -505,6 +580,7 @@ class QuantizationCallback(Callback):
             "quantized": self.quantized,
             "bn_frozen": self.bn_frozen,
             "observers_frozen": self.observers_frozen,
+            "stage": self._progressive.stage,
             "fp32_score": self.fp32_score,
             "quantized_score": self.quantized_score,
         }
@@ -518,5 +594,6 @@ class QuantizationCallback(Callback):
         self.quantized = state_dict["quantized"]
         self.bn_frozen = state_dict["bn_frozen"]
         self.observers_frozen = state_dict["observers_frozen"]
+        self._progressive.stage = state_dict.get("stage", self._progressive.final_stage if self.quantized else 0)
         self.fp32_score = state_dict.get("fp32_score")
         self.quantized_score = state_dict.get("quantized_score")

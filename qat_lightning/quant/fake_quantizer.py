@@ -99,6 +99,26 @@ class FakeQuantizer(nn.Module):
         grad_factor = 1.0 / math.sqrt(x.numel() // self.scale.numel() * qmax)
         return fake_quantize_lsq(x, scale, zero_point, qmin, qmax, grad_factor)
 
+    def clipping_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real range ``(low, high)`` the grid covers now: ``[(qmin - zp) * s, (qmax - zp) * s]`` (shape of
+        ``scale``; ``+-s * (qmax - qmin) / 2`` when symmetric)."""
+        qmin, qmax = self._quant_range
+        scale = self.scale.detach().clamp(min=EPS)
+        if self.config.symmetric:
+            high = scale * (qmax - qmin) / 2
+            return -high, high
+        return (qmin - self.zero_point) * scale, (qmax - self.zero_point) * scale
+
+    @torch.no_grad()
+    def start_from(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Start from a grid found elsewhere (a calibration): set ``scale`` and ``zero_point`` (shape of ``scale``)
+        in place and seed the observer with the range they cover, so an observer that keeps updating moves on
+        from that range and a checkpoint records the quantizer as calibrated."""
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.observer.reset_range(*self.clipping_range())
+        self._calibrated = True
+
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:
         """Move to a ``bits``-bit grid over the clipping range used now, in place (everything derived follows).
@@ -110,13 +130,7 @@ class FakeQuantizer(nn.Module):
         old = self.config
         if bits == old.bits:
             return
-        qmin, qmax = self._quant_range
-        scale = self.scale.detach().clamp(min=EPS)
-        if old.symmetric:
-            high = scale * (qmax - qmin) / 2
-            low = -high
-        else:
-            low, high = (qmin - self.zero_point) * scale, (qmax - self.zero_point) * scale
+        low, high = self.clipping_range()
         self.config = self.observer.config = dataclasses.replace(old, bits=bits)
         self._quant_range = quant_range(bits, old.symmetric)
         if self._calibrated:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
-from qat_lightning.quant.primitives import choose_qparams, fake_quantize
+from qat_lightning.quant.primitives import choose_qparams, quant_range
+from qat_lightning.quant.straight_through import fake_quantize_ste
 
 
 def _global_range(cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +83,13 @@ class Observer(nn.Module):
 
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Forget what was observed and hold the range ``[min_val, max_val]`` (shape of ``min_val``) instead."""
+        self.min_val.copy_(min_val)
+        self.max_val.copy_(max_val)
+        self.initialized.fill_(True)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the range observed so far (see ``primitives.choose_qparams``)."""
@@ -146,23 +154,30 @@ class MSEObserver(MinMaxObserver):
         self._sample = merged[:, -self.max_samples :]
         return x
 
+    def reset_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        super().reset_range(min_val, max_val)
+        self._sample = None
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sample is None:
             return super().qparams()
         bits, symmetric = self.config.bits, self.config.symmetric
-        sample = self._sample
-        best_err = torch.full((sample.shape[0],), float("inf"), device=sample.device)
-        best_scale, best_zp = super().qparams()
-        best_scale, best_zp = best_scale.clone().reshape(-1), best_zp.clone().reshape(-1)
-        for ratio in self.ratios:
-            scale, zp = choose_qparams(
-                self.min_val.reshape(-1) * ratio, self.max_val.reshape(-1) * ratio, bits, symmetric
-            )
-            err = (fake_quantize(sample, scale, zp, bits, symmetric, axis=0) - sample).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zp = torch.where(better, zp, best_zp)
+        qmin, qmax = quant_range(bits, symmetric)
+        sample = self._sample  # (C, n)
+        ratios = torch.tensor(self.ratios, device=sample.device)
+        scale, zp = choose_qparams(  # every candidate at once: (C, R)
+            self.min_val.reshape(-1, 1) * ratios, self.max_val.reshape(-1, 1) * ratios, bits, symmetric
+        )
+        # squared error of each candidate, a few candidates at a time (at most ~16 M values in flight)
+        step = max(1, 2**24 // sample.numel())
+        errors = []
+        for i in range(0, len(self.ratios), step):
+            s, z = scale[:, i : i + step, None], zp[:, i : i + step, None]
+            quantized = fake_quantize_ste(sample[:, None, :], s, z, qmin, qmax)
+            errors.append((quantized - sample[:, None, :]).pow_(2).mean(dim=2))
+        error = torch.cat(errors, dim=1)
+        best = torch.nan_to_num(error, nan=math.inf).argmin(dim=1, keepdim=True)  # the first of equal minima
+        best_scale, best_zp = scale.gather(1, best).squeeze(1), zp.gather(1, best).squeeze(1)
         shape = self.min_val.shape
         return best_scale.reshape(shape), best_zp.reshape(shape)
 
