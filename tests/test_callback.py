@@ -251,6 +251,19 @@ def test_warmup_zero_quantizes_from_the_first_batch(trainer_kwargs):
     assert all(b["prepared"] for b in probe.batches)
 
 
+def test_a_model_that_arrives_in_eval_mode_is_warned_about(trainer_kwargs):
+    """Lightning keeps the mode a module arrives with: an evaluated model would train with idle observers."""
+    model, data = _digits()
+    model.eval()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[QuantizationCallback(bits=8, warmup_epochs=0)], **trainer_kwargs)
+    with pytest.warns(
+        UserWarning,
+        match=r"3 fake-quantized layers \(`backbone\.[^`]+`.*are in eval mode during "
+        r"training.*Call `model\.train\(\)` before `trainer\.fit\(model\)`",
+    ):
+        trainer.fit(model, data)
+
+
 # ---------------------------------------------------------------------------- state and checkpoints
 
 

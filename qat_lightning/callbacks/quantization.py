@@ -23,6 +23,7 @@ from qat_lightning.nn import (
     LayerPlan,
     QuantizationRecipe,
     apply_plan,
+    fake_quantized_layers,
     find_input_producers,
     float_layers,
     format_plan,
@@ -103,6 +104,20 @@ class _Event:
         if self.epoch is not None:
             return f"epoch {self.epoch}"
         return "never" if self.step is None else f"step {self.step}"
+
+
+def _warn_layers_in_eval_mode(pl_module: torch.nn.Module) -> None:
+    """Warn when fake-quantized layers train in eval mode: their observers never update and BatchNorm uses its
+    running statistics. Lightning keeps the mode each module is in when ``fit`` starts, so a model evaluated
+    (or deep-copied from an evaluated one) before ``fit`` trains that way without another sign."""
+    in_eval = [name for name, layer in fake_quantized_layers(pl_module) if not layer.training]
+    if in_eval:
+        shown = ", ".join(f"`{n}`" for n in in_eval[:3]) + (" ..." if len(in_eval) > 3 else "")
+        rank_zero_warn(
+            f"QuantizationCallback: {len(in_eval)} fake-quantized layers ({shown}) are in eval mode during training, "
+            "so their observers never update and BatchNorm uses its running statistics. Call `model.train()` "
+            "before `trainer.fit(model)` unless you put them in eval mode on purpose."
+        )
 
 
 class QuantizationCallback(Callback):
@@ -459,6 +474,7 @@ class QuantizationCallback(Callback):
         if not self.quantized and self._insert.due(epoch, step):
             self._progressive.stage = self._progressive.stage_at(epoch)
             self._insert_fake_quant(pl_module, reason=f"at {self._insert}")
+            _warn_layers_in_eval_mode(pl_module)
             self._calibrate(trainer, pl_module)
         if self.quantized:
             self._progressive.advance(epoch, pl_module, self.plan)
