@@ -115,7 +115,8 @@ def reference_module(
 ) -> nn.Module:
     """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager).
 
-    An input shared at its producer's output is quantized there, once, for all its readers.
+    An input shared at its producer's output is quantized there, once, for all its readers; so is each module
+    output of ``integer.output_grids`` (a residual-add operand, a pool input).
 
     With ``plain_aten`` the quantize/dequantize steps are ordinary ATen arithmetic with the same numbers instead of
     the PT2E ops: a program of it loads with ``torch.export.load`` in a process that has torch alone.
@@ -135,6 +136,8 @@ def reference_module(
         if layer.input_at is not None:  # rounded once where it is made: every reader gets the same codes
             module.get_submodule(layer.input_at).round_output_with(grid)
         target.__class__ = _integer_class(type(target))
+    for name, grid in integer.output_grids.items():  # the residual-add operands and pool inputs QAT rounds
+        module.get_submodule(name).round_output_with(QuantizeDequantize(grid, activation_dtype, plain_aten))
     return module.eval()
 
 
