@@ -481,8 +481,6 @@ class QuantizationCallback(Callback):
         args, kwargs = call
         try:
             shared = share_input_quantizers(pl_module, find_input_producers(pl_module, args, kwargs))
-            config = self.recipe.input_config(ROUNDING_BITS)
-            rounded = round_outputs(pl_module, find_output_roundings(pl_module, args, kwargs), config)
         except Exception as err:  # noqa: BLE001 - sharing is an optimisation: QAT works without it
             rank_zero_warn(
                 f"QuantizationCallback: could not trace which module produces each layer input ({type(err).__name__}:"
@@ -490,6 +488,15 @@ class QuantizationCallback(Callback):
                 "Set `share_inputs=False` to silence this."
             )
             return {}
+        try:
+            found = find_output_roundings(pl_module, args, kwargs)
+        except Exception as err:  # noqa: BLE001 - also an optimisation
+            rank_zero_warn(
+                f"QuantizationCallback: could not trace the residual adds and pools ({type(err).__name__}: {err}); "
+                "their inputs stay float. Set `share_inputs=False` to silence this."
+            )
+            found = []
+        rounded = round_outputs(pl_module, found, self.recipe.input_config(ROUNDING_BITS))
         rank_zero_info(
             f"QuantizationCallback: {len(shared)} layer inputs are rounded where they are produced, and the outputs "
             f"of {len(rounded)} modules that residual adds or pools read ({', '.join(rounded) or 'none'})."
