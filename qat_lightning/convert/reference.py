@@ -138,7 +138,34 @@ def reference_module(
         target.__class__ = _integer_class(type(target))
     for name, grid in integer.output_grids.items():  # the residual-add operands and pool inputs QAT rounds
         module.get_submodule(name).round_output_with(QuantizeDequantize(grid, activation_dtype, plain_aten))
+    if not plain_aten:
+        _round_max_pool_inputs(module)
     return module.eval()
+
+
+def _round_max_pool_inputs(module: nn.Module) -> None:
+    """Round the input of each max-pool whose output is rounded, on the same grid, in place.
+
+    Rounding to a grid is monotone and max-pooling picks one of its inputs, so ``round(maxpool(x)) ==
+    maxpool(round(x))`` and rounding that again changes nothing: the same numbers, but the kernel before the pool
+    (a ResNet stem's conv) can write int8 codes and the pool run on them, as for NNCF's model (OpenVINO otherwise
+    pools a bf16 copy of the stem's output and rounds it after).
+    """
+    for pool in list(module.modules()):
+        rounding = pool.__dict__.get("output_quantizer")
+        if isinstance(pool, nn.modules.pooling._MaxPoolNd) and isinstance(rounding, QuantizeDequantize):
+            pool.input_rounding = rounding
+            cls = type(pool)
+            pool.__class__ = type(f"InputRounded{cls.__name__}", (_RoundsInput, cls), {"__module__": __name__})
+
+
+class _RoundsInput(nn.Module):
+    """Mixin of a module that rounds its input with ``input_rounding`` first."""
+
+    input_rounding: nn.Module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_rounding(input))
 
 
 class _FloatWeight(nn.Module):
