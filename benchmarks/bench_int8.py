@@ -39,7 +39,14 @@ from torch import nn
 from qat_lightning import convert_model, save_packed_weights
 from qat_lightning.convert.backends import backend
 from qat_lightning.models import resnet20
-from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
+from qat_lightning.nn import (
+    apply_plan,
+    find_input_producers,
+    find_output_roundings,
+    plan_quantization,
+    round_outputs,
+    share_input_quantizers,
+)
 
 warnings.filterwarnings("ignore")
 THREADS = 2
@@ -62,10 +69,12 @@ def float_model(build: Callable[[], nn.Module]) -> nn.Module:
 
 def fake_quant_model(model: nn.Module, bits: int, batches: list[torch.Tensor]) -> nn.Module:
     """``model`` with fake quantization at ``bits`` (weights and inputs; shared inputs rounded where they are
-    produced), observers calibrated on ``batches``."""
+    produced; residual-add operands and pool inputs rounded as the callback does), observers calibrated on
+    ``batches``."""
     qat = copy.deepcopy(model)
     apply_plan(qat, plan_quantization(qat, bits, learned_scale=False))  # observed ranges: calibrated below
     share_input_quantizers(qat, find_input_producers(qat, (batches[0],)))  # as QuantizationCallback does
+    round_outputs(qat, find_output_roundings(qat, (batches[0],)))
     qat.train()
     for m in qat.modules():  # keep the BatchNorm statistics: calibrate the quantizers only
         if isinstance(m, nn.BatchNorm2d):

@@ -41,6 +41,7 @@ from qat_lightning.nn import (
     apply_weight_norm,
     fake_quantized_layers,
     find_input_producers,
+    find_output_roundings,
     float_layers,
     float_snapshot,
     fold_weight_norm_state_dict,
@@ -49,6 +50,7 @@ from qat_lightning.nn import (
     quantized_snapshot,
     remove_weight_norm,
     restore_float,
+    round_outputs,
     share_input_quantizers,
 )
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, set_fused, sqnr_db
@@ -90,6 +92,7 @@ __all__ = [
     "integer_model",
     "fake_quantized_layers",
     "find_input_producers",
+    "find_output_roundings",
     "float_layers",
     "format_sensitivity",
     "is_prepared",
@@ -110,6 +113,7 @@ __all__ = [
     "restore_float",
     "sqnr_db",
     "save_packed_weights",
+    "round_outputs",
     "set_fused",
     "share_input_quantizers",
 ]

@@ -25,6 +25,7 @@ from qat_lightning.nn import (
     apply_plan,
     fake_quantized_layers,
     find_input_producers,
+    find_output_roundings,
     float_layers,
     format_plan,
     freeze_batchnorm_stats,
@@ -32,11 +33,13 @@ from qat_lightning.nn import (
     plan_quantization,
     prepare_for_state_dict,
     quantizers,
+    round_outputs,
     set_observers_enabled,
     share_input_quantizers,
     unsupported_layers,
     with_input_producers,
 )
+from qat_lightning.nn.output_rounding import ROUNDING_BITS
 from qat_lightning.nn.recipe import recipe_from_arguments
 from qat_lightning.quant.config import ObserverName
 
@@ -196,7 +199,9 @@ class QuantizationCallback(Callback):
             every reader sees the integer values the int8 files store, so OpenVINO and oneDNN fuse the rounding
             into the producing kernel (see ``qat_lightning.nn.input_sharing``; traced on
             the model's last call before fake quantization starts, a training or sanity-check validation step, else
-            ``example_input_array``). ``False``: each layer rounds its own input.
+            ``example_input_array``). The second operand of a residual add of two float tensors (a downsample
+            branch) and the input of an average pool are rounded too, on 8 bits, as int8 runtimes store them
+            (``qat_lightning.nn.output_rounding``). ``False``: each layer rounds its own input, nothing else.
         recipe: the whole quantization recipe, instead of its keyword arguments above (any of them set to a value
             other than its default is then an error).
 
@@ -574,7 +579,19 @@ class QuantizationCallback(Callback):
                 "Set `share_inputs=False` to silence this."
             )
             return {}
-        rank_zero_info(f"QuantizationCallback: {len(shared)} layer inputs are rounded where they are produced.")
+        try:
+            found = find_output_roundings(pl_module, args, kwargs)
+        except Exception as err:  # noqa: BLE001 - also an optimisation
+            rank_zero_warn(
+                f"QuantizationCallback: could not trace the residual adds and pools ({type(err).__name__}: {err}); "
+                "their inputs stay float. Set `share_inputs=False` to silence this."
+            )
+            found = []
+        rounded = round_outputs(pl_module, found, self.recipe.input_config(ROUNDING_BITS))
+        rank_zero_info(
+            f"QuantizationCallback: {len(shared)} layer inputs are rounded where they are produced, and the outputs "
+            f"of {len(rounded)} modules that residual adds or pools read ({', '.join(rounded) or 'none'})."
+        )
         return shared
 
     @staticmethod

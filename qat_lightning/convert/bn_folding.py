@@ -17,6 +17,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from qat_lightning.nn.input_sharing import RoundsOutput, _rounding_class
+
 # The aten ops of Conv1d/2d/3d and Linear in a ``torch.export`` graph.
 LAYER_OPS = {
     torch.ops.aten.conv1d.default,
@@ -100,7 +102,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_batchnorms(model: nn.Module, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Fold each BatchNorm of ``pairs`` into its layer, in place, and replace it with ``nn.Identity``.
+    """Fold each BatchNorm of ``pairs`` into its layer, in place, and replace it with ``nn.Identity`` (which rounds
+    its output where the BatchNorm's output was rounded, see ``input_sharing``).
 
     The model must be in eval mode (running statistics are used). Returns each folded layer's ``factor``
     (see ``batchnorm_factor``) so that callers can move per-channel weight scales along.
@@ -114,6 +117,15 @@ def fold_batchnorms(model: nn.Module, pairs: list[tuple[str, str]]) -> dict[str,
         )
         layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
         layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=False)
-        _set_submodule(model, bn_name, nn.Identity())
+        _set_submodule(model, bn_name, _identity_like(bn))
         factors[layer_name] = factor
     return factors
+
+
+def _identity_like(bn: nn.Module) -> nn.Module:
+    """``nn.Identity`` in place of a folded BatchNorm, rounding its output as ``bn`` did (``RoundsOutput``)."""
+    if not isinstance(bn, RoundsOutput):
+        return nn.Identity()
+    identity = _rounding_class(nn.Identity)()
+    identity.round_output_with(bn.output_quantizer)
+    return identity

@@ -35,6 +35,8 @@ from qat_lightning.nn import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import rounded_producers
+from qat_lightning.nn.output_rounding import CONTAINER as OUTPUT_QUANTIZERS
+from qat_lightning.nn.output_rounding import output_roundings
 from qat_lightning.quant import FakeQuantizer, quant_range
 from qat_lightning.quant.primitives import EPS, broadcast_along
 
@@ -183,12 +185,15 @@ class IntegerModel:
         float_layers: ``{name: reason}`` of the fake-quantized layers that stay float.
         weight_codes: the trained weight codes of every layer that has them (integer layers and float layers on
             a symmetric grid, before any fold): the weights of the float architecture, for the packed file.
+        output_grids: ``{module: grid}`` of the module outputs QAT rounds though no layer reads them (residual-add
+            operands, pool inputs; ``qat_lightning.nn.output_rounding``); ``model`` rounds them in float.
     """
 
     model: nn.Module
     layers: dict[str, IntegerLayer]
     float_layers: dict[str, str]
     weight_codes: dict[str, IntegerLayer]
+    output_grids: dict[str, InputGrid] = dataclasses.field(default_factory=dict)
 
     def folded(self, example_inputs: tuple[torch.Tensor, ...]) -> IntegerModel:
         """A copy with BatchNorm folded into the Conv/Linear layers that feed it (``IntegerLayer.folded``).
@@ -229,10 +234,14 @@ def integer_model(model: nn.Module) -> IntegerModel:
         if isinstance(module, FakeQuantizedMultiheadAttention):
             float_layers[name] = ATTENTION_REASON
             _freeze_grids(module)
+    # Output roundings (``output_rounding``: no layer reads them) go to the int8 runtimes as quantized tensors.
+    output_grids = {n: InputGrid.of(q) for n, q in output_roundings(copy_).items() if q.calibrated}
+    output_grids = {n: grid for n, grid in output_grids.items() if grid.bits <= INTEGER_MAX_BITS}
+    copy_._modules.pop(OUTPUT_QUANTIZERS, None)  # their grids are applied below, like the shared input grids
     for producer in rounded_producers(copy_).values():  # shared input grids, applied where the input is made
         q = producer.output_quantizer
         producer.round_output_with(FrozenInputGrid(InputGrid.of(q)) if q.calibrated else nn.Identity())
-    return IntegerModel(copy_, layers, float_layers, codes)
+    return IntegerModel(copy_, layers, float_layers, codes, output_grids)
 
 
 def _freeze_grids(module: FakeQuantizedModule) -> None:

@@ -115,7 +115,8 @@ def reference_module(
 ) -> nn.Module:
     """A copy of ``integer.model`` whose integer layers hold int8 codes and quantize their inputs (eager).
 
-    An input shared at its producer's output is quantized there, once, for all its readers.
+    An input shared at its producer's output is quantized there, once, for all its readers; so is each module
+    output of ``integer.output_grids`` (a residual-add operand, a pool input).
 
     With ``plain_aten`` the quantize/dequantize steps are ordinary ATen arithmetic with the same numbers instead of
     the PT2E ops: a program of it loads with ``torch.export.load`` in a process that has torch alone.
@@ -135,7 +136,36 @@ def reference_module(
         if layer.input_at is not None:  # rounded once where it is made: every reader gets the same codes
             module.get_submodule(layer.input_at).round_output_with(grid)
         target.__class__ = _integer_class(type(target))
+    for name, grid in integer.output_grids.items():  # the residual-add operands and pool inputs QAT rounds
+        module.get_submodule(name).round_output_with(QuantizeDequantize(grid, activation_dtype, plain_aten))
+    if not plain_aten:
+        _round_max_pool_inputs(module)
     return module.eval()
+
+
+def _round_max_pool_inputs(module: nn.Module) -> None:
+    """Round the input of each max-pool whose output is rounded, on the same grid, in place.
+
+    Rounding to a grid is monotone and max-pooling picks one of its inputs, so ``round(maxpool(x)) ==
+    maxpool(round(x))`` and rounding that again changes nothing: the same numbers, but the kernel before the pool
+    (a ResNet stem's conv) can write int8 codes and the pool run on them, as for NNCF's model (OpenVINO otherwise
+    pools a bf16 copy of the stem's output and rounds it after).
+    """
+    for pool in list(module.modules()):
+        rounding = pool.__dict__.get("output_quantizer")
+        if isinstance(pool, nn.modules.pooling._MaxPoolNd) and isinstance(rounding, QuantizeDequantize):
+            pool.input_rounding = rounding
+            cls = type(pool)
+            pool.__class__ = type(f"InputRounded{cls.__name__}", (_RoundsInput, cls), {"__module__": __name__})
+
+
+class _RoundsInput(nn.Module):
+    """Mixin of a module that rounds its input with ``input_rounding`` first."""
+
+    input_rounding: nn.Module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_rounding(input))
 
 
 class _FloatWeight(nn.Module):

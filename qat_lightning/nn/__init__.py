@@ -18,6 +18,12 @@ from qat_lightning.nn.fake_quantized import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import find_input_producers, share_input_quantizers, unshare_input_quantizers
+from qat_lightning.nn.output_rounding import (
+    find_output_roundings,
+    output_roundings,
+    remove_output_roundings,
+    round_outputs,
+)
 from qat_lightning.nn.prepare import (
     FloatLayer,
     LayerPlan,
@@ -65,6 +71,7 @@ __all__ = [
     "fake_quantize_layer",
     "fake_quantized_layers",
     "find_input_producers",
+    "find_output_roundings",
     "float_layers",
     "format_plan",
     "freeze_batchnorm_stats",
@@ -77,10 +84,13 @@ __all__ = [
     "fold_weight_norm_state_dict",
     "is_weight_normalized",
     "quantized_snapshot",
+    "output_roundings",
     "quantizers",
+    "remove_output_roundings",
     "restore_float",
     "remove_weight_norm",
     "restore_float_layer",
+    "round_outputs",
     "set_observers_enabled",
     "share_input_quantizers",
     "unshare_input_quantizers",

@@ -168,7 +168,10 @@ def rounded_producers(model: nn.Module) -> dict[str, RoundsOutput]:
 
 def unshare_input_quantizers(model: nn.Module) -> None:
     """Undo ``share_input_quantizers``: producers get their class back, each layer quantizes its own input again."""
+    inputs = {id(getattr(m, "input_quantizer", None)) for m in model.modules()}
     for module in rounded_producers(model).values():
+        if id(module.output_quantizer) not in inputs:  # no layer's: an ``output_rounding``, not a shared input
+            continue
         del module.__dict__["output_quantizer"]
         _set_class(module, module.float_class)
     seen: set[int] = set()

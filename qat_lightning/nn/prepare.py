@@ -20,6 +20,7 @@ from qat_lightning.nn.fake_quantized import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import share_input_quantizers, unshare_input_quantizers
+from qat_lightning.nn.output_rounding import output_roundings_in_state_dict, remove_output_roundings, round_outputs
 from qat_lightning.nn.recipe import QuantizationRecipe, recipe_from_arguments
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 from qat_lightning.quant.config import ObserverName
@@ -189,7 +190,8 @@ def plan_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> lis
 
 
 def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> bool:
-    """Rebuild the fake-quant structure a state dict was saved with, so that it loads into ``model``.
+    """Rebuild the fake-quant structure a state dict was saved with (its output roundings included, see
+    ``output_rounding``), so that it loads into ``model``.
 
     Call it before ``model.load_state_dict(state_dict)`` (e.g. from ``LightningModule.on_load_checkpoint``).
     Does nothing if ``model`` is already prepared or the state dict holds no quantizers; returns whether
@@ -206,6 +208,8 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], pref
             "architecture it was trained with."
         )
     apply_plan(model, plan)
+    for name, config in output_roundings_in_state_dict(state_dict, prefix).items():
+        round_outputs(model, [name], config)
     return True
 
 
@@ -376,6 +380,7 @@ def freeze_batchnorm_stats(model: nn.Module) -> int:
 def restore_float(model: nn.Module) -> None:
     """Undo fake quantization everywhere in ``model`` (weights keep their current float values; a
     ``TransformerEncoder`` keeps ``use_nested_tensor`` off)."""
+    remove_output_roundings(model)
     unshare_input_quantizers(model)
     for module in list(model.modules()):
         if isinstance(module, FakeQuantizedModule):  # an attention module restores its out_proj first
