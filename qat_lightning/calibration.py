@@ -31,9 +31,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, 
     for quantizer in quantizers(model):
         quantizer.train()
     seen = 0
-    for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
-        forward(batch, batch_idx)
-        seen += 1
+    # Observers read their ranges on the host (calibration only): a compiled model runs eagerly here.
+    with torch.compiler.set_stance("force_eager"):
+        for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
+            forward(batch, batch_idx)
+            seen += 1
     set_observers_enabled(model, False)
     model.train(was_training)
     return seen

@@ -99,7 +99,7 @@ def find_output_roundings(
     modes = {m: m.training for m in names}
     model.eval()
     try:
-        with trace:
+        with trace, torch.compiler.set_stance("force_eager"):  # the hooks read tensors: run a compiled forward as is
             model(*example_inputs, **(example_kwargs or {}))
     finally:
         for handle in handles:
