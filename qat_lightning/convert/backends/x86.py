@@ -61,10 +61,18 @@ def write(source: ReferenceSource, path: Path) -> None:
         expected = program.module()(*source.example_inputs)
         error = relative_error(load(path)(*source.example_inputs), expected)
     if error > MAX_RELATIVE_ERROR:
+        single_channel = any(
+            isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 1 for m in source.integer.model.modules()
+        )
+        cause = (
+            "oneDNN's fused int8 kernels are known to go wrong for convolutions with a single input channel "
+            "(grayscale images)"
+            if single_channel
+            else "oneDNN's fused int8 kernels requantize in their own float order, and the flipped roundings add up"
+        )
         raise RuntimeError(
             f"the compiled package computes something else than the int8 program (relative error {error:.3f} on the "
-            "example inputs). oneDNN's fused int8 kernels are known to go wrong for convolutions with a single "
-            "input channel (grayscale images); use the 'onnx' or 'pt2' formats for this model"
+            f"example inputs, more than {MAX_RELATIVE_ERROR}). {cause}; use the 'onnx' or 'pt2' formats for this model"
         )
 
 
