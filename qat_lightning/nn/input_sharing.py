@@ -23,6 +23,7 @@ rebuilds the same structure (``plan_from_state_dict`` reads it into ``LayerPlan.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import logging
@@ -70,6 +71,27 @@ def _fingerprint(x: torch.Tensor) -> tuple[float, float]:
     return float(x.sum()), float((x * x).sum())
 
 
+def run_hooked(
+    model: nn.Module,
+    handles: list[torch.utils.hooks.RemovableHandle],
+    example_inputs: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None = None,
+    context: contextlib.AbstractContextManager[Any] | None = None,
+) -> None:
+    """Run ``model(*example_inputs, **example_kwargs)`` once in eval mode, eagerly even if compiled (the hooks read
+    tensors), inside ``context``; then remove ``handles`` and give every module its mode back."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with context or contextlib.nullcontext(), torch.compiler.set_stance("force_eager"):
+            model(*example_inputs, **(example_kwargs or {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+
+
 @torch.no_grad()
 def find_input_producers(
     model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None = None
@@ -101,16 +123,7 @@ def find_input_producers(
 
     handles = [m.register_forward_hook(record_output) for m in names]
     handles += [m.register_forward_pre_hook(record_input) for m in names if _is_layer(m)]
-    modes = {m: m.training for m in names}
-    model.eval()
-    try:
-        with torch.compiler.set_stance("force_eager"):  # the hooks read tensors: run a compiled forward as is
-            model(*example_inputs, **(example_kwargs or {}))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    run_hooked(model, handles, example_inputs, example_kwargs)
     producers = {}
     for layer, (tensor, fingerprint, made_before) in inputs.items():
         if calls[layer] != 1:

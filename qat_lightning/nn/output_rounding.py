@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from qat_lightning.nn.fake_quantized import FakeQuantizedLayer, _set_class, _unparametrized_class
-from qat_lightning.nn.input_sharing import RoundsOutput, _fingerprint, _rounding_class
+from qat_lightning.nn.input_sharing import RoundsOutput, _fingerprint, _rounding_class, run_hooked
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig, activation_config
 
 CONTAINER = "output_quantizers"
@@ -95,17 +95,7 @@ def find_output_roundings(
                 trace.rounded.add(id(output))
             trace.quiet = False
 
-    handles = [m.register_forward_hook(record_output) for m in names]
-    modes = {m: m.training for m in names}
-    model.eval()
-    try:
-        with trace, torch.compiler.set_stance("force_eager"):  # the hooks read tensors: run a compiled forward as is
-            model(*example_inputs, **(example_kwargs or {}))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    run_hooked(model, [m.register_forward_hook(record_output) for m in names], example_inputs, example_kwargs, trace)
     modules = dict(model.named_modules())
     found: list[str] = []
     for tensor, fingerprint, made_before in trace.wanted:
