@@ -30,7 +30,14 @@ from torch import nn
 
 from qat_lightning import convert_model
 from qat_lightning.convert.backends import backend
-from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
+from qat_lightning.nn import (
+    apply_plan,
+    find_input_producers,
+    find_output_roundings,
+    plan_quantization,
+    round_outputs,
+    share_input_quantizers,
+)
 
 # family -> (builder kwargs, input side); the smallest variant of each classification family, at the smallest
 # input it takes (Inception needs 75 pixels; MaxVit's windows need every stage's side divisible by the partition).
@@ -79,7 +86,8 @@ def _build(family: str, kwargs: dict) -> nn.Module:
 
 def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
     """The family's model fake-quantized at ``bits`` (first/last layer at 8, shared inputs rounded where they are
-    produced) after 3 QAT steps on random data.
+    produced, residual-add operands and pool inputs rounded, as ``QuantizationCallback`` does) after 3 QAT steps on
+    random data.
 
     BatchNorm averages the statistics of all batches it saw (``momentum=None``), as a trained model's have
     converged; with the default momentum, 3 steps leave them mostly at their initial values, far from the data.
@@ -92,7 +100,9 @@ def _qat_model(family: str, bits: int) -> tuple[nn.Module, int]:
             module.momentum = None
     apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=None))
     # As QuantizationCallback does: inputs read by several ops are rounded once, where they are produced.
-    share_input_quantizers(model, find_input_producers(model, (torch.randn(2, 3, side, side),)))
+    example = (torch.randn(2, 3, side, side),)
+    share_input_quantizers(model, find_input_producers(model, example))
+    round_outputs(model, find_output_roundings(model, example))  # residual-add operands and pool inputs, at 8 bits
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for _ in range(3):  # observers, LSQ scales and BatchNorm statistics move
