@@ -28,6 +28,7 @@ from qat_lightning.nn import (
     unshare_input_quantizers,
 )
 from qat_lightning.nn.input_sharing import RoundsOutput
+from tests.random_data_module import RandomDataClassifier
 
 
 class Block(nn.Module):
@@ -230,39 +231,12 @@ def test_seven_bit_grid_after_relu_needs_no_clip(tmp_path):
     torch.testing.assert_close(backend("onnx").load(result.paths["onnx"])(x), pt2, rtol=0, atol=1e-5)
 
 
-class _Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = ResidualNet()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def _loader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randn(32, 3, 6, 6, generator=g), torch.randint(0, 4, (32,)))
-        return torch.utils.data.DataLoader(data, batch_size=8)
-
-    def train_dataloader(self):
-        return self._loader()
-
-    def val_dataloader(self):
-        return self._loader()
+def _classifier() -> RandomDataClassifier:
+    return RandomDataClassifier(ResidualNet(), side=6)
 
 
 def test_callback_shares_inputs_traced_on_the_warmup_steps_and_resumes(trainer_kwargs, tmp_path):
-    module = _Classifier()
+    module = _classifier()
     callback = QuantizationCallback(bits=4, warmup_epochs=1, convert_on_fit_end=False)
     trainer = L.Trainer(max_epochs=2, callbacks=[callback], **trainer_kwargs)
     trainer.fit(module)
@@ -273,7 +247,7 @@ def test_callback_shares_inputs_traced_on_the_warmup_steps_and_resumes(trainer_k
     }
     path = tmp_path / "qat.ckpt"
     trainer.save_checkpoint(path)
-    resumed = _Classifier()
+    resumed = _classifier()
     trainer = L.Trainer(max_epochs=3, callbacks=[QuantizationCallback(bits=4, warmup_epochs=1)], **trainer_kwargs)
     trainer.fit(resumed, ckpt_path=path)  # the optimizer state (learned scales group) must line up
     assert resumed.net.block2.conv.input_quantizer.producer == "net.block1"
@@ -281,12 +255,12 @@ def test_callback_shares_inputs_traced_on_the_warmup_steps_and_resumes(trainer_k
 
 
 def test_callback_without_any_call_before_quantizing_keeps_layer_inputs(trainer_kwargs, lightning_caplog):
-    module = _Classifier()
+    module = _classifier()
     callback = QuantizationCallback(bits=4, warmup_epochs=0, convert_on_fit_end=False)
     L.Trainer(max_epochs=1, callbacks=[callback], **trainer_kwargs).fit(module)  # no sanity check, no warmup
     assert not any(p.input_from for p in callback.plan)
     assert "set `example_input_array`" in lightning_caplog.text
-    module = _Classifier()
+    module = _classifier()
     module.example_input_array = torch.randn(2, 3, 6, 6)
     callback = QuantizationCallback(bits=4, warmup_epochs=0, convert_on_fit_end=False)
     L.Trainer(max_epochs=1, callbacks=[callback], **trainer_kwargs).fit(module)

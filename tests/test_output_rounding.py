@@ -28,6 +28,7 @@ from qat_lightning.nn import (
     share_input_quantizers,
 )
 from qat_lightning.nn.input_sharing import RoundsOutput
+from tests.random_data_module import RandomDataClassifier
 
 
 class DownNet(nn.Module):
@@ -169,39 +170,12 @@ def test_files_round_where_qat_rounds(tmp_path, monkeypatch):
         assert result.fidelity["executorch"].relative_error < 1e-3
 
 
-class _Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = DownNet()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def _loader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,)))
-        return torch.utils.data.DataLoader(data, batch_size=8)
-
-    def train_dataloader(self):
-        return self._loader()
-
-    def val_dataloader(self):
-        return self._loader()
+def _classifier() -> RandomDataClassifier:
+    return RandomDataClassifier(DownNet(), side=8)
 
 
 def test_callback_rounds_outputs_and_resumes(trainer_kwargs, tmp_path):
-    module = _Classifier()
+    module = _classifier()
     callback = QuantizationCallback(bits=8, warmup_epochs=1, convert_on_fit_end=False, learned_scale=True)
     trainer = L.Trainer(max_epochs=2, callbacks=[callback], **trainer_kwargs)
     trainer.fit(module)
@@ -210,7 +184,7 @@ def test_callback_rounds_outputs_and_resumes(trainer_kwargs, tmp_path):
     assert all(q.calibrated and q.config.learned_scale for q in rounded.values())  # LSQ, as the layer inputs
     path = tmp_path / "qat.ckpt"
     trainer.save_checkpoint(path)
-    resumed = _Classifier()
+    resumed = _classifier()
     callback = QuantizationCallback(bits=8, warmup_epochs=1, learned_scale=True, convert_on_fit_end=False)
     trainer = L.Trainer(max_epochs=3, callbacks=[callback], **trainer_kwargs)
     trainer.fit(resumed, ckpt_path=path)  # the optimizer state (learned scales group) must line up
