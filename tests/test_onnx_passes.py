@@ -1,0 +1,112 @@
+"""The ONNX graph rewrites keep the graph's numbers (ONNX Runtime before and after) and give the fusable form."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qat_lightning.convert.backends import onnx_passes
+
+SCALE = 0.05
+
+
+def _initializer(name: str, value, dtype=np.float32):  # type: ignore[no-untyped-def]
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _seven_bit_rounding(value: str, out: str) -> list:
+    """``Clip(0, 127 * s) -> QuantizeLinear(uint8) -> DequantizeLinear``: the exporter's 7-bit grid of a value."""
+    return [
+        helper.make_node("Clip", [value, "low", "high"], [f"{out}_clipped"]),
+        helper.make_node("QuantizeLinear", [f"{out}_clipped", "scale", "zero"], [f"{out}_codes"]),
+        helper.make_node("DequantizeLinear", [f"{out}_codes", "scale", "zero"], [out]),
+    ]
+
+
+def _classifier_head(negative_input: bool) -> onnx.ModelProto:
+    """input [2, 3, 4, 4] -> Relu -> 8-bit rounding (``negative_input``: no Relu, a signed grid) -> MaxPool ->
+    7-bit rounding -> ReduceMean -> Reshape -> 7-bit rounding -> Gemm(+bias) -> output [2, 5]: the tail of an
+    exported residual net."""
+    nodes = [] if negative_input else [helper.make_node("Relu", ["input"], ["relu"])]
+    first_zero = "signed_zero" if negative_input else "zero"
+    nodes += [
+        helper.make_node("QuantizeLinear", ["input" if negative_input else "relu", "scale", first_zero], ["q0"]),
+        helper.make_node("DequantizeLinear", ["q0", "scale", first_zero], ["r0"]),
+        helper.make_node("MaxPool", ["r0"], ["pooled"], kernel_shape=[2, 2]),
+        *_seven_bit_rounding("pooled", "r1"),
+        helper.make_node("ReduceMean", ["r1", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Reshape", ["mean", "shape"], ["flat"]),
+        *_seven_bit_rounding("flat", "r2"),
+        helper.make_node("Gemm", ["r2", "weight", "bias"], ["output"], transB=1),
+    ]
+    rng = np.random.default_rng(0)
+    initializers = [
+        _initializer("scale", SCALE),
+        _initializer("zero", 0, np.uint8),
+        _initializer("signed_zero", 0, np.int8),
+        _initializer("low", 0.0),
+        _initializer("high", 127 * SCALE),
+        _initializer("axes", [2, 3], np.int64),
+        _initializer("shape", [-1, 3], np.int64),
+        _initializer("weight", rng.normal(size=(5, 3))),
+        _initializer("bias", rng.normal(size=5)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 5])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def _rewritten(proto: onnx.ModelProto) -> onnx.ModelProto:
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(proto)
+    onnx_passes.keep_biases_float(rewritten)
+    onnx_passes.signed_codes_on_nonnegative_values(rewritten)
+    onnx_passes.quantize_before_reshape(rewritten)
+    onnx.checker.check_model(rewritten)
+    return rewritten
+
+
+@pytest.mark.parametrize("negative_input", [False, True])
+def test_rewrites_keep_the_numbers(negative_input):
+    proto = _classifier_head(negative_input)
+    x = np.random.default_rng(1).normal(scale=4.0, size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_run(_rewritten(proto), x), _run(proto, x))
+
+
+def test_classifier_input_is_rounded_at_the_pool_in_int8_without_clip():
+    graph = _rewritten(_classifier_head(negative_input=False)).graph
+    made_by = {out: n for n in graph.node for out in n.output}
+    ops = [n.op_type for n in graph.node]
+    assert "Clip" not in ops and ops.count("Relu") == 1  # the 7-bit grids of values >= 0 need no clip
+    (gemm,) = [n for n in graph.node if n.op_type == "Gemm"]
+    reshape = made_by[gemm.input[0]]
+    assert reshape.op_type == "Reshape" and len(gemm.input) == 2  # the bias went to an Add after the Gemm
+    dequantize = made_by[reshape.input[0]]
+    quantize = made_by[dequantize.input[0]]
+    assert (dequantize.op_type, quantize.op_type, made_by[quantize.input[0]].op_type) == (
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "ReduceMean",
+    )
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert initializers[quantize.input[2]].dtype == np.int8
+
+
+def test_a_value_that_may_be_negative_keeps_its_clip_at_zero_as_a_relu():
+    graph = _rewritten(_classifier_head(negative_input=True)).graph
+    made_by = {out: n for n in graph.node for out in n.output}
+    (pool,) = [n for n in graph.node if n.op_type == "MaxPool"]
+    (relu,) = [n for n in graph.node if n.op_type == "Relu"]
+    assert made_by[relu.input[0]] is pool  # signed codes: the pool's output can be negative, the 7-bit grid not
+    assert "Clip" not in {n.op_type for n in graph.node}
