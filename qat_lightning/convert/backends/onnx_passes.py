@@ -62,7 +62,11 @@ def keep_biases_float(proto) -> None:  # type: ignore[no-untyped-def]
     nodes = []
     for node in proto.graph.node:
         nodes.append(node)
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
+        if (
+            node.op_type not in ("Conv", "ConvTranspose", "Gemm")
+            or len(node.input) < 3
+            or node.input[2] not in initializers
+        ):
             continue
         source = produced_by.get(node.input[0], node)
         while source.op_type in ("Reshape", "Flatten"):  # a classifier's rounding moved before its flatten
