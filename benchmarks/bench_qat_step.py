@@ -7,6 +7,10 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
   (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits), eager, with the fused
   (inductor-compiled) fake quantization of ``qat_lightning.quant.fused`` on large tensors.
 - ``ours_4bit_passes``: ``ours_4bit`` with ``set_fused(False)``: the vectorised passes only.
+- ``ours_4bit_kept``: ``ours_4bit`` with each convolution keeping its rounded input for the backward pass (as before
+  ``qat_lightning.nn.recomputed_input``), instead of the input's source: what recomputing saves and costs.
+- ``ours_4bit_shared``: ``ours_4bit`` with the callback's default input sharing and output roundings
+  (``share_inputs=True``: shared inputs rounded at their producer, residual-add operands and pool inputs at 8 bits).
 - ``ours_4bit_observed``: 4 bits with observed (moving-average) ranges instead of LSQ.
 - ``ours_8bit_lsq``: 8 bits with LSQ scales.
 - ``ours_4bit_frozen``: ``ours_4bit_observed`` after the observers are frozen (the last QAT epochs).
@@ -43,32 +47,59 @@ from torch import nn
 
 from qat_lightning import SmallCNN, set_fused
 from qat_lightning.models import resnet20
-from qat_lightning.nn import apply_plan, plan_quantization, set_observers_enabled
+from qat_lightning.nn import (
+    apply_plan,
+    find_input_producers,
+    find_output_roundings,
+    plan_quantization,
+    round_outputs,
+    set_observers_enabled,
+    share_input_quantizers,
+)
+from qat_lightning.quant import rounding
 
 Step = Callable[[], None]
 
 
 UNFUSED = {"ours_4bit_passes"}
+KEPT = {"ours_4bit_kept"}
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True) -> Step:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True, kept: bool = False) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    recompute_from = rounding.MIN_RECOMPUTED_ELEMENTS
 
     def step() -> None:
         set_fused(fused)
+        rounding.MIN_RECOMPUTED_ELEMENTS = sys.maxsize if kept else recompute_from
         try:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
         finally:
             set_fused(True)
+            rounding.MIN_RECOMPUTED_ELEMENTS = recompute_from
 
     return step
 
 
-def ours(model: nn.Module, x: torch.Tensor, bits: int, learned_scale: bool | None, frozen: bool = False) -> nn.Module:
+def path_step(path: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    return train_step(model, x, y, fused=path not in UNFUSED, kept=path in KEPT)
+
+
+def ours(
+    model: nn.Module,
+    x: torch.Tensor,
+    bits: int,
+    learned_scale: bool | None,
+    frozen: bool = False,
+    shared: bool = False,
+) -> nn.Module:
     model = copy.deepcopy(model)
     apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=learned_scale))
+    if shared:  # as ``QuantizationCallback(share_inputs=True)`` does
+        share_input_quantizers(model, find_input_producers(model, (x,)))
+        round_outputs(model, find_output_roundings(model, (x,)))
     model.train()
     with torch.no_grad():
         model(x)  # calibrate (and initialise LSQ scales) before the optimizer is built
@@ -136,6 +167,8 @@ def build_paths(
         "fp32": lambda: copy.deepcopy(model),
         "ours_4bit": lambda: ours(model, x, 4, None),
         "ours_4bit_passes": lambda: ours(model, x, 4, None),
+        "ours_4bit_kept": lambda: ours(model, x, 4, None),
+        "ours_4bit_shared": lambda: ours(model, x, 4, None, shared=True),
         "ours_4bit_observed": lambda: ours(model, x, 4, False),
         "ours_4bit_frozen": lambda: ours(model, x, 4, False, frozen=True),
         "ours_8bit": lambda: ours(model, x, 8, None),
@@ -170,7 +203,7 @@ def report_memory(model_name: str, path: str, threads: int) -> None:
     torch.set_num_threads(threads)
     model, x = SETUPS[model_name]()
     y = torch.randint(0, 10, (x.shape[0],))
-    step = train_step(build_paths(model_name, model.train(), x, only=path)[path], x, y, fused=path not in UNFUSED)
+    step = path_step(path, build_paths(model_name, model.train(), x, only=path)[path], x, y)
     step()  # compiles what is compiled, outside the measured steps
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed heap back, so the 3 steps must raise RSS again
     before = _status_kib("VmRSS")
@@ -187,7 +220,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
-    steps = {name: train_step(model, x, y, fused=name not in UNFUSED) for name, model in paths.items()}
+    steps = {name: path_step(name, model, x, y) for name, model in paths.items()}
     for step in steps.values():  # warm-up
         for _ in range(3):
             step()

@@ -78,7 +78,7 @@ def test_fused_lsq_equals_the_passes(per_channel):
 
 
 def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
-    def no_compiler():
+    def no_compiler(name):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "_kernel", no_compiler)
@@ -97,7 +97,7 @@ def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
 
 def test_inside_torch_compile_the_caller_fuses(monkeypatch):
     calls = []
-    monkeypatch.setattr(fused, "_kernel", lambda: calls.append("kernel"))
+    monkeypatch.setattr(fused, "_kernel", lambda name: calls.append(name))
     torch._dynamo.reset()
     quantizer = FakeQuantizer(activation_config(4, learned_scale=True))
     x = torch.randn(4, 8, 5, 5)
