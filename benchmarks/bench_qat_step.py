@@ -7,8 +7,8 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
   (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits), eager, with the fused
   (inductor-compiled) fake quantization of ``qat_lightning.quant.fused`` on large tensors.
 - ``ours_4bit_passes``: ``ours_4bit`` with ``set_fused(False)``: the vectorised passes only.
-- ``ours_4bit_kept``: ``ours_4bit`` with each convolution keeping its rounded input for the backward pass (as before
-  ``qat_lightning.nn.recomputed_input``), instead of the input's source: what recomputing saves and costs.
+- ``ours_4bit_kept``: ``ours_4bit`` with ``set_recompute(False)``: each convolution keeps its rounded input for the
+  backward pass instead of recomputing it from its source (``qat_lightning.nn.recomputed_input``).
 - ``ours_4bit_shared``: ``ours_4bit`` with the callback's default input sharing and output roundings
   (``share_inputs=True``: shared inputs rounded at their producer, residual-add operands and pool inputs at 8 bits).
 - ``ours_4bit_observed``: 4 bits with observed (moving-average) ranges instead of LSQ.
@@ -56,7 +56,7 @@ from qat_lightning.nn import (
     set_observers_enabled,
     share_input_quantizers,
 )
-from qat_lightning.quant import rounding
+from qat_lightning.quant import set_recompute
 
 Step = Callable[[], None]
 
@@ -67,18 +67,17 @@ KEPT = {"ours_4bit_kept"}
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True, kept: bool = False) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    recompute_from = rounding.MIN_RECOMPUTED_ELEMENTS
 
     def step() -> None:
         set_fused(fused)
-        rounding.MIN_RECOMPUTED_ELEMENTS = sys.maxsize if kept else recompute_from
+        set_recompute(not kept)
         try:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
         finally:
             set_fused(True)
-            rounding.MIN_RECOMPUTED_ELEMENTS = recompute_from
+            set_recompute(True)
 
     return step
 

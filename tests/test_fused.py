@@ -77,6 +77,19 @@ def test_fused_lsq_equals_the_passes(per_channel):
     assert (ref_scale_grad != 0).all()
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, True)])
+def test_fused_values_equal_torch_kernel(bits, symmetric):
+    """The recomputing kernel (``fake_quantize_values``, no gradient) gives torch's values bit for bit."""
+    qmin, qmax = quant_range(bits, symmetric)
+    scale, zero_point = choose_qparams(torch.tensor(-1.7), torch.tensor(2.9), bits, symmetric)
+    x = _data(scale, zero_point, qmin, qmax)
+    fused._compiled.pop("values", None)
+    ours = fused.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax)
+    assert "values" in fused._compiled and fused._enabled  # the kernel ran, not the passes
+    assert torch.equal(ours, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax))
+    assert torch.equal(ours, straight_through.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax))
+
+
 def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
     def no_compiler(name):
         raise RuntimeError("no C++ compiler")

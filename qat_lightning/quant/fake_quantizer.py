@@ -113,14 +113,15 @@ class FakeQuantizer(nn.Module):
         if torch.compiler.is_compiling():
             return
         latest = None
-        if out.requires_grad and x.numel() >= rounding.MIN_RECOMPUTED_ELEMENTS:
+        if out.requires_grad and x.numel() >= rounding.MIN_RECOMPUTED_ELEMENTS and rounding.recompute_enabled():
             grid = (scale.detach().float().clone(), zero_point.float(), *self._quant_range)
             latest = (weakref.ref(out), weakref.ref(x), grid)
         self.__dict__["_latest"] = latest
 
     def rounding_of(self, y: torch.Tensor) -> Rounding | None:
         """How ``y`` was rounded, if it is this quantizer's latest output and was recorded (a differentiable eager
-        call on at least ``rounding.MIN_RECOMPUTED_ELEMENTS`` values whose input is still alive); else ``None``.
+        call on at least ``rounding.MIN_RECOMPUTED_ELEMENTS`` values, with ``rounding.set_recompute`` on, whose
+        input is still alive); else ``None``.
 
         A layer that reads ``y`` can save ``Rounding.source`` for its backward pass and recompute ``y`` from it,
         instead of keeping ``y`` (see ``qat_lightning.nn.recomputed_input``).

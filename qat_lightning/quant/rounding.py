@@ -10,6 +10,20 @@ from qat_lightning.quant.fused import fake_quantize_values
 
 # Tensors smaller than this are kept as they are: recomputing them would cost more per call than their memory is worth.
 MIN_RECOMPUTED_ELEMENTS = 65536
+_enabled = True
+
+
+def set_recompute(enabled: bool) -> None:
+    """Let layers recompute their rounded inputs in the backward pass (``True``, the default: QAT keeps about the
+    memory of float training) or keep them (``False``: one activation more per quantized input, one elementwise pass
+    less per layer; see ``qat_lightning.nn.recomputed_input``)."""
+    global _enabled
+    _enabled = enabled
+
+
+def recompute_enabled() -> bool:
+    """Whether ``set_recompute`` left recomputing on."""
+    return _enabled
 
 
 @dataclass(frozen=True)
