@@ -23,7 +23,9 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
 Paths are run round-robin after a warm-up and the median of each is reported; the ratios divide by the float
 median of the same run. Peak memory is measured apart: a fresh Python process builds one path, resets its
 peak resident set size (Linux ``/proc/self/clear_refs``) after one step (which compiles what is compiled) and
-``malloc_trim`` (glibc keeps freed memory otherwise), and reports how far 3 more steps raise it.
+``malloc_trim`` (glibc keeps freed memory otherwise), and reports how far 3 more steps raise it: once with glibc's
+defaults (``peak MiB``: what a training process sees, including freed blocks glibc keeps in its heap) and once with
+every large block mapped on its own (``mmap MiB``: close to the peak of the tensors alive).
 The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
 """
 
@@ -35,6 +37,7 @@ import ctypes
 import functools
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -191,10 +194,15 @@ SETUPS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
 }
 
 
-def peak_memory_mb(model_name: str, path: str, threads: int) -> float:
-    """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``)."""
+def peak_memory_mb(model_name: str, path: str, threads: int, mmap_all: bool = False) -> float:
+    """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``).
+
+    ``mmap_all``: glibc maps every block of 128 KiB or more on its own and unmaps it when freed
+    (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the tensors alive; by default it keeps freed blocks in its heap.
+    """
     command = [sys.executable, __file__, "--memory-of", model_name, path, "--threads", str(threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if mmap_all else None
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -232,6 +240,12 @@ def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, round
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _ratio(summary: dict[str, float], key: str, path: str) -> float | None:
+    """ResNet-20 ``path``'s ``key`` figure over float's, where both were measured."""
+    ours, base = summary.get(f"resnet20_{path}_{key}"), summary.get(f"resnet20_fp32_{key}")
+    return round(ours / base, 3) if ours is not None and base else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25, help="timed steps per path (median reported)")
@@ -251,11 +265,14 @@ def main() -> None:
         paths = build_paths(name, model.train(), x, compiled=not args.no_compiled)
         medians = measure(paths, x, y, args.rounds)
         print(f"\n{name}, batch {x.shape[0]}, {args.threads} threads, median of {args.rounds} interleaved steps")
-        print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}")
+        print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}{'mmap MiB':>10}")
         for path, seconds in medians.items():
             ratio = seconds / medians["fp32"]
-            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(name, path, args.threads):>10.1f}")
+            peak, mapped = (peak_memory_mb(name, path, args.threads, mmap_all) for mmap_all in (False, True))
+            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak:>10.1f}{mapped:>10.1f}")
             summary[f"{name}_{path}_ratio"] = round(ratio, 3)
+            summary[f"{name}_{path}_peak_mib"] = round(peak, 1)
+            summary[f"{name}_{path}_mmap_peak_mib"] = round(mapped, 1)
     best_stock = min(summary[k] for k in ("resnet20_fx_ratio", "resnet20_pt2e_ratio") if k in summary)
     result = {
         "ratio_ours_vs_fp32": summary["resnet20_ours_4bit_ratio"],
@@ -268,6 +285,9 @@ def main() -> None:
             if "resnet20_ours_4bit_compiled_ratio" in summary
             else None
         ),
+        "peak_ratio_ours_vs_fp32": _ratio(summary, "peak_mib", "ours_4bit"),
+        "mmap_peak_ratio_ours_vs_fp32": _ratio(summary, "mmap_peak_mib", "ours_4bit"),
+        "mmap_peak_ratio_ours_shared_vs_fp32": _ratio(summary, "mmap_peak_mib", "ours_4bit_shared"),
         **summary,
     }
     print(json.dumps(result))
