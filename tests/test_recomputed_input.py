@@ -164,16 +164,29 @@ def test_saved_activations_are_those_of_the_float_layer(learned_scale):
     assert recomputed - float_bytes <= weight + 1024  # the rounded weight (its own tensor) and the grids only
 
 
+@pytest.mark.parametrize("learned_scale", [True, False])
+def test_under_autocast_as_autocast_computes_the_plain_layer(learned_scale):
+    """CPU autocast (bfloat16) stands for CUDA's: the layer casts what autocast would and keeps the numbers."""
+    x = torch.randn(4, 6, 9, 9)
+    model = _quantized(ReluConv(nn.Conv2d(6, 8, 3, padding=1)), x, learned_scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, x_grad, grads, nodes = _step(model, x, recompute=True)
+        ref_out, ref_x_grad, ref_grads, ref_nodes = _step(model, x, recompute=False)
+    assert nodes == {"_RecomputedInputConvolutionBackward"} and ref_nodes == {"ConvolutionBackward0"}
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    assert torch.equal(out, ref_out) and torch.equal(x_grad, ref_x_grad)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert torch.equal(grad, ref)
+
+
 def test_other_calls_take_the_plain_convolution():
     x = torch.randn(4, 6, 9, 9)
     reflect = _quantized(ReluConv(nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect")), x, True)
-    plain = _quantized(ReluConv(nn.Conv2d(6, 8, 3, padding=1)), x, True)
     assert _step(reflect, x, recompute=True)[3] == {"ConvolutionBackward0"}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = plain(x.clone().requires_grad_(True))
-    assert type(out.grad_fn).__name__ != "_RecomputedInputConvolutionBackward"
+    plain = _quantized(ReluConv(nn.Conv2d(6, 8, 3, padding=1)), x, True)
     with torch.no_grad():
         assert plain(x).grad_fn is None
+    assert _step(plain, x[0], recompute=True)[3] == {"SqueezeBackward1"}  # unbatched: the plain conv2d
 
 
 def test_a_model_that_ran_copies_and_pickles():

@@ -13,13 +13,15 @@ stays the input that receives the gradient. It works for any ``q`` that a ``Fake
 (``FakeQuantizer.rounding_of``): a layer's own input quantizer, or one shared at the producer's output
 (``input_sharing``).
 
-It is used in eager differentiable calls without autocast, on batched inputs of at least
+It is used in eager differentiable calls (under autocast too: the input, weight and bias are cast as autocast casts
+them for a convolution, and the cast input is recomputed as well), on batched inputs of at least
 ``MIN_RECOMPUTED_ELEMENTS`` values, for zero-padded convolutions with numeric padding; everything else (and
 ``torch.compile``/``torch.export`` traces, where the compiler plans what to keep) takes the plain convolution.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ class _RecomputedInputConvolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rounded, source, scale, zero_point, quant_range, weight, bias, conv_args):  # type: ignore[no-untyped-def]
         ctx.save_for_backward(source, scale, zero_point, weight)
+        ctx.dtype = rounded.dtype  # that of the rounding, or the autocast dtype it was cast to
         ctx.quant_range = quant_range
         ctx.conv_args = conv_args
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -41,7 +44,7 @@ class _RecomputedInputConvolution(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         source, scale, zero_point, weight = ctx.saved_tensors
-        rounded = Rounding(source, scale, zero_point, *ctx.quant_range).values()
+        rounded = Rounding(source, scale, zero_point, *ctx.quant_range).values().to(ctx.dtype)
         needs = ctx.needs_input_grad
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, rounded, weight, ctx.bias_sizes, *ctx.conv_args, [needs[0], needs[5], needs[6]]
@@ -53,10 +56,21 @@ def _rounding(layer: nn.Module, input: torch.Tensor) -> Rounding | None:
     quantizer = getattr(layer, "input_quantizer", None)
     if not isinstance(quantizer, FakeQuantizer) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    device = input.device.type
-    if torch.amp.autocast_mode.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return None
     return quantizer.rounding_of(input)
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in on ``device`` now, ``None`` where it is off."""
+    if torch.amp.autocast_mode.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` as autocast casts a convolution's arguments: floating tensors but float64 to ``dtype``."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def convolution(
@@ -96,6 +110,10 @@ def convolution(
         layer.groups,
     )
     grid = (rounding.qmin, rounding.qmax)
-    return _RecomputedInputConvolution.apply(
-        input, rounding.source, rounding.scale, rounding.zero_point, grid, weight, layer.bias, conv_args
-    )
+    device = input.device.type
+    dtype = _autocast_dtype(device)  # cast as autocast would for the plain convolution, then compute as cast
+    input, weight, bias = _cast(input, dtype), _cast(weight, dtype), _cast(layer.bias, dtype)
+    with torch.autocast(device, enabled=False) if dtype is not None else contextlib.nullcontext():
+        return _RecomputedInputConvolution.apply(
+            input, rounding.source, rounding.scale, rounding.zero_point, grid, weight, bias, conv_args
+        )
