@@ -15,8 +15,10 @@ stays the input that receives the gradient. It works for any ``q`` that a ``Fake
 
 It is used in eager differentiable calls (under autocast too: the input, weight and bias are cast as autocast casts
 them for a convolution, and the cast input is recomputed as well), on batched inputs of at least
-``MIN_RECOMPUTED_ELEMENTS`` values, for zero-padded convolutions with numeric padding; everything else (and
-``torch.compile``/``torch.export`` traces, where the compiler plans what to keep) takes the plain convolution.
+``rounding.MIN_RECOMPUTED_ELEMENTS`` values, for zero-padded convolutions with numeric padding, unless
+``set_recompute(False)``; everything else (and ``torch.compile``/``torch.export`` traces, where the compiler plans
+what to keep) takes the plain convolution. Recomputing costs about 0.06x of a float ResNet-20 step on a Xeon CPU
+(``docs/qat_speed.md``).
 """
 
 from __future__ import annotations
