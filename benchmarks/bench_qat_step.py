@@ -3,9 +3,10 @@
 A step is forward, cross-entropy backward and an SGD-momentum update on one fixed batch. Paths:
 
 - ``fp32``: the float model, eager.
-- ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b)`` builds them
-  (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits), eager, with the fused
-  (inductor-compiled) fake quantization of ``qat_lightning.quant.fused`` on large tensors.
+- ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b,
+  share_inputs=False)`` builds them (each layer rounds its own input; 8-bit first/last layer, LSQ learned scales at
+  <= 4 bits, observed ranges at 8 bits), eager, with the fused (inductor-compiled) fake quantization of
+  ``qat_lightning.quant.fused`` on large tensors.
 - ``ours_4bit_passes``: ``ours_4bit`` with ``set_fused(False)``: the vectorised passes only.
 - ``ours_4bit_kept``: ``ours_4bit`` with ``set_recompute(False)``: each convolution keeps its rounded input for the
   backward pass instead of recomputing it from its source (``qat_lightning.nn.recomputed_input``).
