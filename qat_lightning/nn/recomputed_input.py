@@ -17,7 +17,7 @@ It is used in eager differentiable calls (under autocast too: the input, weight 
 them for a convolution, and the cast input is recomputed as well), on batched inputs of at least
 ``rounding.MIN_RECOMPUTED_ELEMENTS`` values, for zero-padded convolutions with numeric padding, unless
 ``set_recompute(False)``; everything else (and ``torch.compile``/``torch.export`` traces, where the compiler plans
-what to keep) takes the plain convolution. Recomputing costs about 0.06x of a float ResNet-20 step on a Xeon CPU
+what to keep) takes the plain convolution. Recomputing costs about 0.07x of a float ResNet-20 step on a Xeon CPU
 (``docs/qat_speed.md``).
 """
 
