@@ -3,10 +3,15 @@
 A step is forward, cross-entropy backward and an SGD-momentum update on one fixed batch. Paths:
 
 - ``fp32``: the float model, eager.
-- ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b)`` builds them
-  (8-bit first/last layer, LSQ learned scales at <= 4 bits, observed ranges at 8 bits), eager, with the fused
-  (inductor-compiled) fake quantization of ``qat_lightning.quant.fused`` on large tensors.
+- ``ours_4bit`` / ``ours_8bit``: ``plan_quantization`` defaults, as ``QuantizationCallback(bits=b,
+  share_inputs=False)`` builds them (each layer rounds its own input; 8-bit first/last layer, LSQ learned scales at
+  <= 4 bits, observed ranges at 8 bits), eager, with the fused (inductor-compiled) fake quantization of
+  ``qat_lightning.quant.fused`` on large tensors.
 - ``ours_4bit_passes``: ``ours_4bit`` with ``set_fused(False)``: the vectorised passes only.
+- ``ours_4bit_kept``: ``ours_4bit`` with ``set_recompute(False)``: each convolution keeps its rounded input for the
+  backward pass instead of recomputing it from its source (``qat_lightning.nn.recomputed_input``).
+- ``ours_4bit_shared``: ``ours_4bit`` with the callback's default input sharing and output roundings
+  (``share_inputs=True``: shared inputs rounded at their producer, residual-add operands and pool inputs at 8 bits).
 - ``ours_4bit_observed``: 4 bits with observed (moving-average) ranges instead of LSQ.
 - ``ours_8bit_lsq``: 8 bits with LSQ scales.
 - ``ours_4bit_frozen``: ``ours_4bit_observed`` after the observers are frozen (the last QAT epochs).
@@ -19,7 +24,9 @@ A step is forward, cross-entropy backward and an SGD-momentum update on one fixe
 Paths are run round-robin after a warm-up and the median of each is reported; the ratios divide by the float
 median of the same run. Peak memory is measured apart: a fresh Python process builds one path, resets its
 peak resident set size (Linux ``/proc/self/clear_refs``) after one step (which compiles what is compiled) and
-``malloc_trim`` (glibc keeps freed memory otherwise), and reports how far 3 more steps raise it.
+``malloc_trim`` (glibc keeps freed memory otherwise), and reports how far 3 more steps raise it: once with glibc's
+defaults (``peak MiB``: what a training process sees, including freed blocks glibc keeps in its heap) and once with
+every large block mapped on its own (``mmap MiB``: close to the peak of the tensors alive).
 The last line is one JSON object; ``ratio_*`` keys are ResNet-20, batch 64, 4-bit default.
 """
 
@@ -31,6 +38,7 @@ import ctypes
 import functools
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,32 +51,58 @@ from torch import nn
 
 from qat_lightning import SmallCNN, set_fused
 from qat_lightning.models import resnet20
-from qat_lightning.nn import apply_plan, plan_quantization, set_observers_enabled
+from qat_lightning.nn import (
+    apply_plan,
+    find_input_producers,
+    find_output_roundings,
+    plan_quantization,
+    round_outputs,
+    set_observers_enabled,
+    share_input_quantizers,
+)
+from qat_lightning.quant import set_recompute
 
 Step = Callable[[], None]
 
 
 UNFUSED = {"ours_4bit_passes"}
+KEPT = {"ours_4bit_kept"}
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True) -> Step:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True, kept: bool = False) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
         set_fused(fused)
+        set_recompute(not kept)
         try:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
         finally:
             set_fused(True)
+            set_recompute(True)
 
     return step
 
 
-def ours(model: nn.Module, x: torch.Tensor, bits: int, learned_scale: bool | None, frozen: bool = False) -> nn.Module:
+def path_step(path: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    return train_step(model, x, y, fused=path not in UNFUSED, kept=path in KEPT)
+
+
+def ours(
+    model: nn.Module,
+    x: torch.Tensor,
+    bits: int,
+    learned_scale: bool | None,
+    frozen: bool = False,
+    shared: bool = False,
+) -> nn.Module:
     model = copy.deepcopy(model)
     apply_plan(model, plan_quantization(model, bits, first_last_bits=8, learned_scale=learned_scale))
+    if shared:  # as ``QuantizationCallback(share_inputs=True)`` does
+        share_input_quantizers(model, find_input_producers(model, (x,)))
+        round_outputs(model, find_output_roundings(model, (x,)))
     model.train()
     with torch.no_grad():
         model(x)  # calibrate (and initialise LSQ scales) before the optimizer is built
@@ -136,6 +170,8 @@ def build_paths(
         "fp32": lambda: copy.deepcopy(model),
         "ours_4bit": lambda: ours(model, x, 4, None),
         "ours_4bit_passes": lambda: ours(model, x, 4, None),
+        "ours_4bit_kept": lambda: ours(model, x, 4, None),
+        "ours_4bit_shared": lambda: ours(model, x, 4, None, shared=True),
         "ours_4bit_observed": lambda: ours(model, x, 4, False),
         "ours_4bit_frozen": lambda: ours(model, x, 4, False, frozen=True),
         "ours_8bit": lambda: ours(model, x, 8, None),
@@ -159,10 +195,15 @@ SETUPS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
 }
 
 
-def peak_memory_mb(model_name: str, path: str, threads: int) -> float:
-    """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``)."""
+def peak_memory_mb(model_name: str, path: str, threads: int, mmap_all: bool = False) -> float:
+    """Peak RSS growth (MiB) of 3 steps of one path, in a fresh process (``--memory-of MODEL PATH``).
+
+    ``mmap_all``: glibc maps every block of 128 KiB or more on its own and unmaps it when freed
+    (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the tensors alive; by default it keeps freed blocks in its heap.
+    """
     command = [sys.executable, __file__, "--memory-of", model_name, path, "--threads", str(threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if mmap_all else None
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -170,7 +211,7 @@ def report_memory(model_name: str, path: str, threads: int) -> None:
     torch.set_num_threads(threads)
     model, x = SETUPS[model_name]()
     y = torch.randint(0, 10, (x.shape[0],))
-    step = train_step(build_paths(model_name, model.train(), x, only=path)[path], x, y, fused=path not in UNFUSED)
+    step = path_step(path, build_paths(model_name, model.train(), x, only=path)[path], x, y)
     step()  # compiles what is compiled, outside the measured steps
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed heap back, so the 3 steps must raise RSS again
     before = _status_kib("VmRSS")
@@ -187,7 +228,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
-    steps = {name: train_step(model, x, y, fused=name not in UNFUSED) for name, model in paths.items()}
+    steps = {name: path_step(name, model, x, y) for name, model in paths.items()}
     for step in steps.values():  # warm-up
         for _ in range(3):
             step()
@@ -198,6 +239,12 @@ def measure(paths: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, round
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _ratio(summary: dict[str, float], key: str, path: str) -> float | None:
+    """ResNet-20 ``path``'s ``key`` figure over float's, where both were measured."""
+    ours, base = summary.get(f"resnet20_{path}_{key}"), summary.get(f"resnet20_fp32_{key}")
+    return round(ours / base, 3) if ours is not None and base else None
 
 
 def main() -> None:
@@ -219,11 +266,14 @@ def main() -> None:
         paths = build_paths(name, model.train(), x, compiled=not args.no_compiled)
         medians = measure(paths, x, y, args.rounds)
         print(f"\n{name}, batch {x.shape[0]}, {args.threads} threads, median of {args.rounds} interleaved steps")
-        print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}")
+        print(f"{'path':<20}{'ms/step':>10}{'x fp32':>9}{'peak MiB':>10}{'mmap MiB':>10}")
         for path, seconds in medians.items():
             ratio = seconds / medians["fp32"]
-            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak_memory_mb(name, path, args.threads):>10.1f}")
+            peak, mapped = (peak_memory_mb(name, path, args.threads, mmap_all) for mmap_all in (False, True))
+            print(f"{path:<20}{seconds * 1e3:>10.1f}{ratio:>9.2f}{peak:>10.1f}{mapped:>10.1f}")
             summary[f"{name}_{path}_ratio"] = round(ratio, 3)
+            summary[f"{name}_{path}_peak_mib"] = round(peak, 1)
+            summary[f"{name}_{path}_mmap_peak_mib"] = round(mapped, 1)
     best_stock = min(summary[k] for k in ("resnet20_fx_ratio", "resnet20_pt2e_ratio") if k in summary)
     result = {
         "ratio_ours_vs_fp32": summary["resnet20_ours_4bit_ratio"],
@@ -236,6 +286,9 @@ def main() -> None:
             if "resnet20_ours_4bit_compiled_ratio" in summary
             else None
         ),
+        "peak_ratio_ours_vs_fp32": _ratio(summary, "peak_mib", "ours_4bit"),
+        "mmap_peak_ratio_ours_vs_fp32": _ratio(summary, "mmap_peak_mib", "ours_4bit"),
+        "mmap_peak_ratio_ours_shared_vs_fp32": _ratio(summary, "mmap_peak_mib", "ours_4bit_shared"),
         **summary,
     }
     print(json.dumps(result))

@@ -53,7 +53,7 @@ from qat_lightning.nn import (
     round_outputs,
     share_input_quantizers,
 )
-from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, set_fused, sqnr_db
+from qat_lightning.quant import FakeQuantizer, QuantizerConfig, max_abs_error, set_fused, set_recompute, sqnr_db
 from qat_lightning.report import MetricTable
 
 __version__ = "0.1.0"
@@ -115,5 +115,6 @@ __all__ = [
     "save_packed_weights",
     "round_outputs",
     "set_fused",
+    "set_recompute",
     "share_input_quantizers",
 ]

@@ -77,8 +77,21 @@ def test_fused_lsq_equals_the_passes(per_channel):
     assert (ref_scale_grad != 0).all()
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, True)])
+def test_fused_values_equal_torch_kernel(bits, symmetric):
+    """The recomputing kernel (``fake_quantize_values``, no gradient) gives torch's values bit for bit."""
+    qmin, qmax = quant_range(bits, symmetric)
+    scale, zero_point = choose_qparams(torch.tensor(-1.7), torch.tensor(2.9), bits, symmetric)
+    x = _data(scale, zero_point, qmin, qmax)
+    fused._compiled.pop("values", None)
+    ours = fused.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax)
+    assert "values" in fused._compiled and fused._enabled  # the kernel ran, not the passes
+    assert torch.equal(ours, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax))
+    assert torch.equal(ours, straight_through.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax))
+
+
 def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
-    def no_compiler():
+    def no_compiler(name):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fused, "_kernel", no_compiler)
@@ -97,7 +110,7 @@ def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
 
 def test_inside_torch_compile_the_caller_fuses(monkeypatch):
     calls = []
-    monkeypatch.setattr(fused, "_kernel", lambda: calls.append("kernel"))
+    monkeypatch.setattr(fused, "_kernel", lambda name: calls.append(name))
     torch._dynamo.reset()
     quantizer = FakeQuantizer(activation_config(4, learned_scale=True))
     x = torch.randn(4, 8, 5, 5)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from qat_lightning.nn import recomputed_input
 from qat_lightning.nn.attention import multi_head_attention
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 
@@ -118,9 +119,9 @@ class FakeQuantizedLayer(FakeQuantizedModule):
 
 class _FakeQuantizedConv(FakeQuantizedLayer):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(  # type: ignore[attr-defined]
-            self.quantized_input(input), self.weight_quantizer(self.weight), self.bias
-        )
+        rounded, weight = self.quantized_input(input), self.weight_quantizer(self.weight)
+        out = recomputed_input.convolution(self, rounded, weight)  # type: ignore[arg-type]
+        return self._conv_forward(rounded, weight, self.bias) if out is None else out  # type: ignore[attr-defined]
 
 
 class _FakeQuantizedLinear(FakeQuantizedLayer):
@@ -153,8 +154,9 @@ def conv_transpose(
 
 class _FakeQuantizedConvTranspose(FakeQuantizedLayer):
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        weight = self.weight_quantizer(self.weight)
-        return conv_transpose(self, self.quantized_input(input), weight, output_size)  # type: ignore[arg-type]
+        rounded, weight = self.quantized_input(input), self.weight_quantizer(self.weight)
+        out = recomputed_input.convolution(self, rounded, weight, output_size)  # type: ignore[arg-type]
+        return conv_transpose(self, rounded, weight, output_size) if out is None else out  # type: ignore[arg-type]
 
 
 class FakeQuantizedConv1d(_FakeQuantizedConv, nn.Conv1d):

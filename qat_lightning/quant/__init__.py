@@ -19,6 +19,7 @@ from qat_lightning.quant.primitives import (
     quant_range,
     quantize,
 )
+from qat_lightning.quant.rounding import Rounding, set_recompute
 from qat_lightning.quant.straight_through import fake_quantize_lsq
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "QuantizerConfig",
+    "Rounding",
     "activation_config",
     "build_observer",
     "check_bits",
@@ -39,6 +41,7 @@ __all__ = [
     "quant_range",
     "quantize",
     "set_fused",
+    "set_recompute",
     "sqnr_db",
     "weight_config",
 ]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
+from qat_lightning.quant import rounding
 from qat_lightning.quant.config import QuantizerConfig
 from qat_lightning.quant.fused import fake_quantize_lsq
 from qat_lightning.quant.observers import build_observer
 from qat_lightning.quant.primitives import EPS, broadcast_along, choose_qparams, quant_range, quantize
+from qat_lightning.quant.rounding import Rounding
 from qat_lightning.quant.straight_through import fake_quantize_ste
 
 
@@ -55,6 +58,7 @@ class FakeQuantizer(nn.Module):
         self._calibrated = False
         self.producer: str | None = None
         self._quant_range = quant_range(config.bits, config.symmetric)
+        self._latest: tuple[Any, ...] | None = None  # see ``_remember``
 
     @property
     def axis(self) -> int | None:
@@ -94,10 +98,44 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self._quant_range
         zero_point = broadcast_along(self.zero_point, x, self.axis)
         if not self.config.learned_scale:
-            return fake_quantize_ste(x, broadcast_along(self.scale, x, self.axis), zero_point, qmin, qmax)
-        scale = broadcast_along(self.scale.clamp(min=EPS), x, self.axis)
-        grad_factor = 1.0 / math.sqrt(x.numel() // self.scale.numel() * qmax)
-        return fake_quantize_lsq(x, scale, zero_point, qmin, qmax, grad_factor)
+            scale = broadcast_along(self.scale, x, self.axis)
+            out = fake_quantize_ste(x, scale, zero_point, qmin, qmax)
+        else:
+            scale = broadcast_along(self.scale.clamp(min=EPS), x, self.axis)
+            grad_factor = 1.0 / math.sqrt(x.numel() // self.scale.numel() * qmax)
+            out = fake_quantize_lsq(x, scale, zero_point, qmin, qmax, grad_factor)
+        self._remember(x, out, scale, zero_point)
+        return out
+
+    def _remember(self, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Record how ``out`` was made, for ``rounding_of``: in eager differentiable calls on large tensors only
+        (where a layer saves it otherwise). ``x`` and ``out`` are held weakly; the grid is copied."""
+        if torch.compiler.is_compiling():
+            return
+        latest = None
+        if out.requires_grad and x.numel() >= rounding.MIN_RECOMPUTED_ELEMENTS and rounding.recompute_enabled():
+            grid = (scale.detach().float().clone(), zero_point.float(), *self._quant_range)
+            latest = (weakref.ref(out), weakref.ref(x), grid)
+        self.__dict__["_latest"] = latest
+
+    def rounding_of(self, y: torch.Tensor) -> Rounding | None:
+        """How ``y`` was rounded, if it is this quantizer's latest output and was recorded (a differentiable eager
+        call on at least ``rounding.MIN_RECOMPUTED_ELEMENTS`` values, with ``rounding.set_recompute`` on, whose
+        input is still alive); else ``None``.
+
+        A layer that reads ``y`` can save ``Rounding.source`` for its backward pass and recompute ``y`` from it,
+        instead of keeping ``y`` (see ``qat_lightning.nn.recomputed_input``).
+        """
+        latest = self.__dict__.get("_latest")
+        if latest is None or latest[0]() is not y:
+            return None
+        source = latest[1]()
+        return None if source is None else Rounding(source, *latest[2])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_latest"] = None  # weak references do not pickle or copy
+        return state
 
     def clipping_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real range ``(low, high)`` the grid covers now: ``[(qmin - zp) * s, (qmax - zp) * s]`` (shape of

@@ -1,4 +1,6 @@
-"""Fused LSQ fake quantization in eager mode: ``straight_through.fake_quantize_lsq`` compiled once by inductor.
+"""Fused fake quantization in eager mode: ``straight_through.fake_quantize_lsq`` compiled once by inductor, and
+``straight_through.fake_quantize_values`` (the values without a gradient, for recomputing a rounded input in a
+backward pass, ``qat_lightning.nn.recomputed_input``) likewise: one loop instead of four passes.
 
 ``fake_quantize_lsq`` takes 4 vectorised passes forward and 7 backward. Compiled with
 ``torch.compile(dynamic=True)``, inductor turns each direction into one loop over the tensor (the forward writes
@@ -10,13 +12,13 @@ The straight-through function is not compiled: there AOT autograd's partitioner 
 forward kernel and saves it as a ``bool`` tensor, and inductor's ``bool`` stores are slow here (measured on 1M
 values, 1 thread: that forward 29 ms, against 0.8 ms without gradient and 1.3 ms for the passes).
 
-Used in training (gradient mode on) for CPU tensors of at least ``MIN_FUSED_ELEMENTS`` values (activations; below
-that, per-call overhead eats the gain), outside ``torch.compile``/``torch.export`` traces (where the caller's
-compiler fuses them anyway). One kernel pair is generated per kind of call (per tensor or per channel, rank, dtype,
-signed or unsigned grid), for any shape, the first time it is met: a few seconds, kept in inductor's
-on-disk cache. Past ``torch._dynamo.config.recompile_limit`` kinds in one process, dynamo runs the passes itself
-(with its warning). Without a working C++ compiler the first compilation fails and the passes are used from then on
-(logged once). ``set_fused(False)`` turns the kernels off.
+Used (``fake_quantize_lsq`` in gradient mode only) for CPU tensors of at least ``MIN_FUSED_ELEMENTS`` values
+(activations; below that, per-call overhead eats the gain), outside ``torch.compile``/``torch.export`` traces
+(where the caller's compiler fuses them anyway). One kernel (pair) is generated per function and kind of call (per
+tensor or per channel, rank, dtype, signed or unsigned grid), for any shape, the first time it is met: a few
+seconds, kept in inductor's on-disk cache. Past ``torch._dynamo.config.recompile_limit`` kinds in one process,
+dynamo runs the passes itself (with its warning). Without a working C++ compiler the first compilation fails and
+the passes are used from then on (logged once). ``set_fused(False)`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from qat_lightning.quant import straight_through
 log = logging.getLogger(__name__)
 
 MIN_FUSED_ELEMENTS = 65536
-_compiled: list[Callable[..., torch.Tensor]] = []
+_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "lsq": straight_through.fake_quantize_lsq,
+    "values": straight_through.fake_quantize_values,
+}
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _enabled = True
 
 
@@ -41,31 +47,44 @@ def set_fused(enabled: bool) -> None:
     _enabled = enabled
 
 
-def _kernel() -> Callable[..., torch.Tensor]:
-    if not _compiled:
-        _compiled.append(torch.compile(straight_through.fake_quantize_lsq, dynamic=True, fullgraph=True))
-    return _compiled[0]
+def _kernel(name: str) -> Callable[..., torch.Tensor]:
+    if name not in _compiled:
+        _compiled[name] = torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _run(name: str, x: torch.Tensor, args: tuple[object, ...], training: bool) -> torch.Tensor:
+    """``_FUNCTIONS[name](*args)`` from its compiled kernel where that applies (``x`` a large CPU tensor, eager, and
+    in gradient mode when ``training``), else as it is."""
+    global _enabled
+    if not (
+        _enabled
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.numel() >= MIN_FUSED_ELEMENTS
+        and (torch.is_grad_enabled() or not training)
+        and not torch.compiler.is_compiling()
+    ):
+        return _FUNCTIONS[name](*args)
+    try:
+        return _kernel(name)(*args)
+    except Exception as err:  # no C++ compiler, or inductor cannot build here: the passes give the same numbers
+        _enabled = False
+        log.warning("qat_lightning: fused fake quantization unavailable (%s); using vectorised passes.", err)
+        return _FUNCTIONS[name](*args)
 
 
 def fake_quantize_lsq(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_factor: float
 ) -> torch.Tensor:
     """``straight_through.fake_quantize_lsq`` (same arguments and numbers; the scale gradient summed in another
-    order), from the compiled kernel where it applies."""
-    global _enabled
-    args = (x, scale, zero_point, qmin, qmax, grad_factor)
-    if not (
-        _enabled
-        and type(x) is torch.Tensor
-        and x.device.type == "cpu"
-        and x.numel() >= MIN_FUSED_ELEMENTS
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    ):
-        return straight_through.fake_quantize_lsq(*args)
-    try:
-        return _kernel()(*args)
-    except Exception as err:  # no C++ compiler, or inductor cannot build here: the passes give the same numbers
-        _enabled = False
-        log.warning("qat_lightning: fused fake quantization unavailable (%s); using vectorised passes.", err)
-        return straight_through.fake_quantize_lsq(*args)
+    order), from the compiled kernel where it applies (in gradient mode)."""
+    return _run("lsq", x, (x, scale, zero_point, qmin, qmax, grad_factor), training=True)
+
+
+def fake_quantize_values(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``straight_through.fake_quantize_values`` (same arguments, the same values bit for bit), from the compiled
+    kernel where it applies: one pass instead of four, for recomputing a rounded tensor in a backward pass."""
+    return _run("values", x, (x, scale, zero_point, qmin, qmax), training=False)

@@ -110,16 +110,16 @@ class _LearnedScaleFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):  # type: ignore[no-untyped-def]
         inv_scale = torch.reciprocal(scale)
-        out = _fake_quantize_values(x, scale, inv_scale, zero_point, qmin, qmax)
-        ctx.save_for_backward(x, out, inv_scale, zero_point)
+        ctx.save_for_backward(x, scale, inv_scale, zero_point)
         ctx.quant_range = (qmin, qmax)
         ctx.grad_factor = grad_factor
-        return out.to(x.dtype)
+        return _fake_quantize_values(x, scale, inv_scale, zero_point, qmin, qmax).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        x, out, inv_scale, zero_point = ctx.saved_tensors
+        x, scale, inv_scale, zero_point = ctx.saved_tensors
         inside = _in_range_mask(x, inv_scale, zero_point, *ctx.quant_range)
+        out = _fake_quantize_values(x, scale, inv_scale, zero_point, *ctx.quant_range)  # recomputed, not kept
         grad_out = grad_out.float()
         grad_x = grad_out * inside
         # d out / d scale is (out - x) / scale inside the range and out / scale (the clamp bound) outside;
@@ -157,6 +157,15 @@ def fake_quantize_lsq(
     ``zero_point`` gets no gradient. Returns a tensor of the shape and dtype of ``x``.
     """
     return _LearnedScaleFakeQuantize.apply(x, scale.float(), _fresh_float(zero_point), qmin, qmax, grad_factor)
+
+
+def fake_quantize_values(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """The values ``fake_quantize_ste`` and ``fake_quantize_lsq`` return (bit for bit), without a gradient: for
+    recomputing a rounded tensor from its source instead of keeping it. Same arguments; shape and dtype of ``x``."""
+    with torch.no_grad():
+        return _fake_quantize_values(x, scale, torch.reciprocal(scale), zero_point, qmin, qmax).to(x.dtype)
 
 
 def _fresh_float(zero_point: torch.Tensor) -> torch.Tensor:
