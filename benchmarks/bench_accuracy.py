@@ -207,17 +207,27 @@ def brevitas_model(float_model: nn.Module, bits: int) -> nn.Module:
     return nn.Sequential(qnn.QuantIdentity(bit_width=8, return_quant_tensor=False), model)
 
 
-def run_seed(job: Job, dm: VisionDataModule, seed: int, quick: bool, brevitas: bool) -> dict[str, float]:
+def run_seed(
+    job: Job,
+    dm: VisionDataModule,
+    seed: int,
+    quick: bool,
+    brevitas: bool,
+    bit_widths: tuple[int, ...] = BITS,
+    variants: tuple[str, ...] = tuple(QAT_VARIANTS),
+) -> dict[str, float]:
+    """Every method of the module docstring for one seed, at ``bit_widths``, with the QAT ``variants``."""
     epochs, qat_epochs = job.quick_epochs if quick else job.epochs
     pl.seed_everything(seed, verbose=False)
     float_model = ImageClassifier(job.model(), num_classes=dm.num_classes, lr=job.lr)
     fit(float_model, dm, epochs, [])
     results = {"fp32": test_accuracy(float_model, dm)}
-    for bits in BITS:
+    for bits in bit_widths:
         results[f"ptq_naive_{bits}"] = ptq(float_model, dm, bits, naive=True, first_last_bits=None)
         results[f"ptq_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=8)
         results[f"ptq_all_{bits}"] = ptq(float_model, dm, bits, naive=False, first_last_bits=None)
-        for variant, kwargs in QAT_VARIANTS.items():
+        for variant in variants:
+            kwargs = QAT_VARIANTS[variant]
             if not variant_applies(kwargs, bits, qat_epochs):
                 continue
             pl.seed_everything(seed * 100 + bits, verbose=False)
@@ -244,6 +254,10 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy CPU)")
+    parser.add_argument("--bits", nargs="+", type=int, default=list(BITS), choices=BITS, help="default: 2 4 8")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(QAT_VARIANTS), choices=list(QAT_VARIANTS), help="default: all"
+    )
     args = parser.parse_args()
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     torch.set_num_threads(args.threads)
@@ -255,7 +269,8 @@ def main() -> None:
         dm = job.data(args.quick)
         dm.setup()
         for seed in seeds:
-            for method, accuracy in run_seed(job, dm, seed, args.quick, brevitas).items():
+            found = run_seed(job, dm, seed, args.quick, brevitas, tuple(args.bits), tuple(args.variants))
+            for method, accuracy in found.items():
                 per_seed.setdefault(f"{name}_{method}", []).append(accuracy)
             print(f"[{name} seed {seed} done after {time.perf_counter() - start:.0f} s]", flush=True)
 
@@ -270,7 +285,13 @@ def main() -> None:
             text = [f"{c['mean'] * 100:.1f} ± {c['std'] * 100:.1f}%" if c else "-" for c in cells]
             print(f"{method:<18}" + "".join(f"{t:>18}" for t in text))
     settings = {name: JOBS[name].quick_epochs if args.quick else JOBS[name].epochs for name in args.jobs}
-    results["settings"] = {"epochs (float, qat)": settings, "seeds": seeds, "quick": args.quick}
+    results["settings"] = {
+        "epochs (float, qat)": settings,
+        "seeds": seeds,
+        "quick": args.quick,
+        "bits": args.bits,
+        "variants": args.variants,
+    }
     results["seconds"] = round(time.perf_counter() - start)
     print(json.dumps(results))
 
