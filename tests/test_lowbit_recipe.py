@@ -260,3 +260,14 @@ def test_low_bit_default_freezes_come_in_the_last_quarter(trainer_kwargs, kwargs
     trainer = pl.Trainer(max_epochs=8, callbacks=[callback, phases], **{**trainer_kwargs, "limit_train_batches": 1})
     trainer.fit(ImageClassifier(SmallCNN(channels=(4, 8))), DigitsDataModule(batch_size=32))
     assert phases.phases == expected
+
+
+def test_late_freezes_follow_each_run_length_and_keep_given_step_freezes():
+    callback = QuantizationCallback(bits=2, warmup_epochs=0)
+    callback._schedule_late_freezes(24)
+    assert (callback._freeze_bn.epoch, callback._freeze_observers.epoch) == (18, 19)
+    callback._schedule_late_freezes(8)  # a second fit of another length: from the defaults again, not from 18
+    assert (callback._freeze_bn.epoch, callback._freeze_observers.epoch) == (6, 7)
+    callback = QuantizationCallback(bits=2, warmup_epochs=0, freeze_bn_step=10)
+    callback._schedule_late_freezes(24)
+    assert (callback._freeze_bn.step, callback._freeze_observers.epoch) == (10, 19)

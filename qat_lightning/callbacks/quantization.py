@@ -332,6 +332,7 @@ class QuantizationCallback(Callback):
             )
         self._freeze_bn = _Event("freeze_bn", freeze_bn_epoch, freeze_bn_step)
         self._freeze_observers = _Event("freeze_observers", freeze_observers_epoch, freeze_observers_step)
+        self._default_freezes = (freeze_bn_epoch, freeze_observers_epoch)  # what the late freezes start from
         self.monitor = monitor
         self.convert_on_fit_end = convert_on_fit_end
         self.convert_dir = convert_dir
@@ -418,11 +419,12 @@ class QuantizationCallback(Callback):
         epochs (``late_freeze_epochs``); freezes given as arguments, step schedules and open-ended runs keep theirs."""
         if not (self._late_bn or self._late_observers) or max_epochs is None or max_epochs < 1:
             return
-        bn, observers = late_freeze_epochs(max_epochs, self._freeze_bn.epoch, self._freeze_observers.epoch)
-        if self._late_bn:
-            self._freeze_bn = _Event("freeze_bn", bn, None)
-        if self._late_observers:
-            self._freeze_observers = _Event("freeze_observers", observers, None)
+        default_bn, default_observers = self._default_freezes
+        if self._late_bn and default_bn is not None:
+            self._freeze_bn = _Event("freeze_bn", late_freeze_epochs(max_epochs, default_bn, default_bn + 1)[0], None)
+        if self._late_observers and default_observers is not None:
+            late = late_freeze_epochs(max_epochs, default_observers - 1, default_observers)[1]
+            self._freeze_observers = _Event("freeze_observers", late, None)
         rank_zero_info(
             f"QuantizationCallback: {self.bits}-bit run of {max_epochs} epochs: BatchNorm freezes at "
             f"{self._freeze_bn}, observers at {self._freeze_observers}."
