@@ -130,17 +130,24 @@ def test_config_runs_fast_dev_run_on_generated_data(path, tmp_path, monkeypatch)
         assert math.isfinite(fidelity["relative_error"]) and 0 <= fidelity["agreement"] <= 1, fidelity
 
 
-def test_cifar10_qat_configs_start_from_the_float_configs_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "qat_configs"),
+    [
+        ("cifar10_resnet20", ("cifar10_resnet20_qat4.yaml", "cifar10_resnet20_qat2.yaml")),
+        ("glyphs", ("glyphs_qat2.yaml",)),
+    ],
+)
+def test_qat_configs_start_from_the_float_configs_checkpoint(name, qat_configs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     configs = Path(__file__).parents[1] / "configs"
-    overrides = generated_data(yaml.safe_load((configs / "cifar10_resnet20_fp32.yaml").read_text()), tmp_path / "data")
+    overrides = generated_data(yaml.safe_load((configs / f"{name}_fp32.yaml").read_text()), tmp_path / "data")
     short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
-    main(["fit", "--config", str(configs / "cifar10_resnet20_fp32.yaml"), *short, *QUIET, *overrides])
-    checkpoint = tmp_path / "checkpoints" / "cifar10_resnet20" / "fp32.ckpt"
+    main(["fit", "--config", str(configs / f"{name}_fp32.yaml"), *short, *QUIET, *overrides])
+    checkpoint = tmp_path / "checkpoints" / name / "fp32.ckpt"
     assert checkpoint.is_file()
 
-    for name in ("cifar10_resnet20_qat4.yaml", "cifar10_resnet20_qat2.yaml"):
-        assert yaml.safe_load((configs / name).read_text())["model"]["init_args"]["backbone"]["init_args"][
+    for qat_config in qat_configs:
+        assert yaml.safe_load((configs / qat_config).read_text())["model"]["init_args"]["backbone"]["init_args"][
             "weights_path"
         ] == str(checkpoint.relative_to(tmp_path))
-        main(["fit", "--config", str(configs / name), "--trainer.fast_dev_run=true", *QUIET, *overrides])
+        main(["fit", "--config", str(configs / qat_config), "--trainer.fast_dev_run=true", *QUIET, *overrides])

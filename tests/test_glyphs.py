@@ -121,3 +121,18 @@ def test_compact_cnn():
         CompactCNN(convs_per_stage=0)
     with pytest.raises(ValueError, match=r"`channels` must name at least one stage"):
         CompactCNN(channels=())
+
+
+def test_compact_cnn_loads_the_float_weights_a_qat_run_starts_from(tmp_path):
+    source = CompactCNN(channels=(8, 16))
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_()
+    checkpoint = {"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(checkpoint, tmp_path / "fp32.ckpt")
+    loaded = CompactCNN(channels=(8, 16), weights_path=tmp_path / "fp32.ckpt")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+    with pytest.raises(ValueError, match=r"(?s)do not fit CompactCNN.*size mismatch for classifier.weight"):
+        CompactCNN(channels=(8, 16), num_classes=5, weights_path=tmp_path / "fp32.ckpt")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN
 from qat_lightning.calibration import calibrate, calibrate_for_training
+from qat_lightning.callbacks.quantization import late_freeze_epochs
 from qat_lightning.nn import apply_plan, plan_quantization, quantizers
 from qat_lightning.quant import MSEObserver
 
@@ -218,3 +219,55 @@ def test_bad_progressive_schedule(kwargs, message):
 def test_progressive_defaults_freeze_in_the_final_stage():
     callback = QuantizationCallback(bits=2, progressive=(4, 3), progressive_epochs=(2, 1), warmup_epochs=1)
     assert (callback._freeze_bn.epoch, callback._freeze_observers.epoch) == (4 + 3, 4 + 4)
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "bn_epoch", "observer_epoch", "expected"),
+    [(24, 3, 4, (18, 19)), (12, 3, 4, (9, 10)), (4, 3, 4, (3, 4)), (1, 3, 4, (3, 4)), (24, 20, 23, (20, 23))],
+)
+def test_late_freeze_epochs(max_epochs, bn_epoch, observer_epoch, expected):
+    assert late_freeze_epochs(max_epochs, bn_epoch, observer_epoch) == expected
+
+
+class Phases(Callback):
+    """The callback's phase at the first batch of every epoch."""
+
+    def __init__(self, callback: QuantizationCallback) -> None:
+        self.callback, self.phases = callback, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.phases.append(self.callback.phase)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # 2 bits, 8 epochs: BatchNorm frozen at 3 * 8 // 4 = 6, observers at 7 (not 3 and 4).
+        (dict(bits=2), ["qat"] * 6 + ["qat_bn_frozen", "qat_frozen"]),
+        # 4 bits keeps torchvision's 3 and 4; given freezes are kept at 2 bits too.
+        (dict(bits=4), ["qat"] * 3 + ["qat_bn_frozen"] + ["qat_frozen"] * 4),
+        (
+            dict(bits=2, freeze_bn_epoch=2, freeze_observers_epoch=5),
+            ["qat"] * 2 + ["qat_bn_frozen"] * 3 + ["qat_frozen"] * 3,
+        ),
+    ],
+)
+def test_low_bit_default_freezes_come_in_the_last_quarter(trainer_kwargs, kwargs, expected):
+    pl.seed_everything(0)
+    callback = QuantizationCallback(warmup_epochs=0, calibration_batches=1, convert_on_fit_end=False, **kwargs)
+    phases = Phases(callback)
+    trainer = pl.Trainer(max_epochs=8, callbacks=[callback, phases], **{**trainer_kwargs, "limit_train_batches": 1})
+    trainer.fit(ImageClassifier(SmallCNN(channels=(4, 8))), DigitsDataModule(batch_size=32))
+    assert phases.phases == expected
+
+
+def test_late_freezes_follow_each_run_length_and_keep_given_step_freezes():
+    callback = QuantizationCallback(bits=2, warmup_epochs=0)
+    callback._schedule_late_freezes(24)
+    assert (callback._freeze_bn.epoch, callback._freeze_observers.epoch) == (18, 19)
+    callback._schedule_late_freezes(8)  # a second fit of another length: from the defaults again, not from 18
+    assert (callback._freeze_bn.epoch, callback._freeze_observers.epoch) == (6, 7)
+    callback = QuantizationCallback(bits=2, warmup_epochs=0, freeze_bn_step=10)
+    callback._schedule_late_freezes(24)
+    assert (callback._freeze_bn.step, callback._freeze_observers.epoch) == (10, 19)

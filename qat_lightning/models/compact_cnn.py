@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from qat_lightning.models.weights import load_weights
 
 
 class CompactCNN(nn.Module):
@@ -18,6 +21,9 @@ class CompactCNN(nn.Module):
         num_classes: number of output logits.
         channels: output channels of each stage (one stage per entry).
         convs_per_stage: convolutions in each stage.
+        weights_path: optional local file to load (a state dict, or a Lightning checkpoint of an
+            ``ImageClassifier``, e.g. the float run of ``configs/glyphs_fp32.yaml`` that a QAT run starts from);
+            see ``load_weights``.
 
     Shapes: input ``(N, in_channels, H, W)`` with ``H`` and ``W`` divisible by ``2 ** (len(channels) - 1)``,
     output ``(N, num_classes)`` logits.
@@ -29,6 +35,7 @@ class CompactCNN(nn.Module):
         num_classes: int = 12,
         channels: Sequence[int] = (16, 32, 64),
         convs_per_stage: int = 2,
+        weights_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if not channels:
@@ -46,6 +53,8 @@ class CompactCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(width, num_classes)
+        if weights_path is not None:
+            load_weights(self, weights_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
