@@ -102,10 +102,7 @@ def signed_codes_on_nonnegative_values(proto) -> None:  # type: ignore[no-untype
 
     initializers = {i.name: i for i in proto.graph.initializer}
     produced_by = {out: n for n in proto.graph.node for out in n.output}
-    readers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(proto.graph.node)
     dropped = set()
     for clip in [n for n in proto.graph.node if n.op_type == "Clip"]:
         (quantize, *others) = readers.get(clip.output[0], [None])
@@ -113,8 +110,8 @@ def signed_codes_on_nonnegative_values(proto) -> None:  # type: ignore[no-untype
             continue
         if not set(clip.input[1:]) | set(quantize.input[1:]) <= set(initializers):
             continue
-        scale, zero_point = (numpy_helper.to_array(initializers[n]) for n in quantize.input[1:3])
-        low, high = (float(numpy_helper.to_array(initializers[n])) for n in clip.input[1:3])
+        scale, zero_point = (_array(initializers[n]) for n in quantize.input[1:3])
+        low, high = (float(_array(initializers[n])) for n in clip.input[1:3])
         nonnegative_input = low <= 0 and _nonnegative(clip.input[0], produced_by, initializers)
         if not (nonnegative_input or low == 0):
             continue
@@ -170,6 +167,15 @@ def _nonnegative(value: str, produced_by: dict, initializers: dict) -> bool:
     return False
 
 
+def _readers(nodes) -> dict[str, list]:  # type: ignore[no-untyped-def]
+    """``{value name: [nodes reading it]}`` over ``nodes``, in graph order."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _array(initializer) -> np.ndarray:  # type: ignore[no-untyped-def]
     from onnx import numpy_helper
 
@@ -189,10 +195,7 @@ def quantize_before_reshape(proto) -> None:  # type: ignore[no-untyped-def]
     """
     initializers = {i.name: i for i in proto.graph.initializer}
     nodes = list(proto.graph.node)
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(nodes)
     for reshape in [n for n in nodes if n.op_type in ("Reshape", "Flatten")]:
         rounding = _per_tensor_rounding(reshape.output[0], readers, initializers)
         if rounding is None:
