@@ -73,6 +73,7 @@ def _rewritten(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnx_passes.keep_biases_float(rewritten)
     onnx_passes.signed_codes_on_nonnegative_values(rewritten)
     onnx_passes.quantize_before_reshape(rewritten)
+    onnx_passes.zero_point_free_codes(rewritten)
     onnx.checker.check_model(rewritten)
     return rewritten
 
@@ -110,3 +111,58 @@ def test_a_value_that_may_be_negative_keeps_its_clip_at_zero_as_a_relu():
     (relu,) = [n for n in graph.node if n.op_type == "Relu"]
     assert made_by[relu.input[0]] is pool  # signed codes: the pool's output can be negative, the 7-bit grid not
     assert "Clip" not in {n.op_type for n in graph.node}
+
+
+def _signed_input_conv(zero_point: int, clip: bool) -> onnx.ModelProto:
+    """input [2, 3, 5, 5] -> (``clip``: Clip to the 7-bit grid ``0..127`` around ``zero_point``) ->
+    QuantizeLinear(uint8, ``zero_point``) -> DequantizeLinear -> Conv on int8 weights -> output: a network's
+    first convolution on its signed input."""
+    rng = np.random.default_rng(1)
+    source = "clipped" if clip else "input"
+    nodes = [helper.make_node("Clip", ["input", "low", "high"], ["clipped"])] if clip else []
+    nodes += [
+        helper.make_node("QuantizeLinear", [source, "scale", "zero"], ["codes"]),
+        helper.make_node("DequantizeLinear", ["codes", "scale", "zero"], ["rounded"]),
+        helper.make_node("DequantizeLinear", ["weight_codes", "weight_scale"], ["weight"], axis=0),
+        helper.make_node("Conv", ["rounded", "weight"], ["output"], kernel_shape=[3, 3]),
+    ]
+    initializers = [
+        _initializer("scale", SCALE),
+        _initializer("zero", zero_point, np.uint8),
+        _initializer("low", -zero_point * SCALE),
+        _initializer("high", (127 - zero_point) * SCALE),
+        _initializer("weight_codes", rng.integers(-127, 128, size=(4, 3, 3, 3)), np.int8),
+        _initializer("weight_scale", rng.uniform(0.01, 0.02, size=4)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "first_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 5, 5])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 4, 3, 3])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _zero_points(proto: onnx.ModelProto) -> list[tuple[int, int]]:
+    """``(ONNX element type, value)`` of the activation zero point of every QuantizeLinear/DequantizeLinear."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    return [
+        (initializers[n.input[2]].data_type, int(numpy_helper.to_array(initializers[n.input[2]])))
+        for n in proto.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) == 3
+    ]
+
+
+@pytest.mark.parametrize(("zero_point", "clip"), [(63, True), (1, True), (127, True), (128, False)])
+def test_a_signed_grid_that_fits_int8_loses_its_zero_point(zero_point, clip):
+    proto = _signed_input_conv(zero_point, clip)
+    x = np.random.default_rng(2).normal(scale=4.0, size=(2, 3, 5, 5)).astype(np.float32)  # beyond the grid
+    rewritten = _rewritten(proto)
+    assert _zero_points(rewritten) == [(TensorProto.INT8, 0)] * 2
+    np.testing.assert_array_equal(_run(rewritten, x), _run(proto, x))
+
+
+def test_a_grid_wider_than_int8_around_its_zero_point_keeps_it():
+    proto = _signed_input_conv(100, clip=False)  # codes 0..255 around 100: -100..155 does not fit int8
+    assert _zero_points(_rewritten(proto)) == [(TensorProto.UINT8, 100)] * 2
