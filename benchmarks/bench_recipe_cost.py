@@ -4,9 +4,10 @@
 - ``full``: the same with the calibration at insertion (``calibration_batches=10``), ``progressive=(4, 3)`` (one
   epoch each) and ``WeightNormalization()``.
 
-Each run trains ``--epochs`` epochs on the digits data; the first epoch holds the insertion (and, for ``full``,
-the calibration), later epochs are steady state (for ``full`` they include the stage switches). Prints one line per
-epoch index and the ratio full / plain, then a JSON object on the last line.
+Each run trains ``--epochs`` epochs of a ``bench_accuracy`` job (``--model``, default ``digits_cnn``); the first
+epoch holds the insertion (and, for ``full``, the calibration), later epochs are steady state (for ``full`` they
+include the stage switches). Prints one line per epoch index and the ratio full / plain, then a JSON object on the
+last line.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from bench_accuracy import build  # the two models of the accuracy benchmark (ResNet-20 on 32x32 resized digits)
+from bench_accuracy import JOBS  # the accuracy benchmark's models and data (ResNet-20 on 32x32 resized digits)
 
-from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, WeightNormalization
+from qat_lightning import ImageClassifier, QuantizationCallback, WeightNormalization
 
 
 class EpochTimer(pl.Callback):
@@ -34,9 +35,10 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def run(variant: str, model_name: str, epochs: int, batches: int | None) -> list[float]:
+def run(variant: str, job_name: str, epochs: int, batches: int | None) -> list[float]:
     pl.seed_everything(0, verbose=False)
-    model = ImageClassifier(build(model_name))
+    job = JOBS[job_name]
+    model = ImageClassifier(job.model())
     timer = EpochTimer()
     if variant == "plain":
         callbacks = [QuantizationCallback(bits=2, warmup_epochs=0, calibration_batches=0, convert_on_fit_end=False)]
@@ -56,13 +58,13 @@ def run(variant: str, model_name: str, epochs: int, batches: int | None) -> list
         limit_val_batches=0,
         limit_train_batches=batches,
     )
-    trainer.fit(model, DigitsDataModule(batch_size=64))
+    trainer.fit(model, job.data(False))
     return timer.seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet20"])
+    parser.add_argument("--model", default="digits_cnn", choices=list(JOBS), help="a bench_accuracy job")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=None, help="training batches per epoch (default: all)")
