@@ -70,10 +70,7 @@ def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def _rewritten(proto: onnx.ModelProto) -> onnx.ModelProto:
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(proto)
-    onnx_passes.keep_biases_float(rewritten)
-    onnx_passes.signed_codes_on_nonnegative_values(rewritten)
-    onnx_passes.quantize_before_reshape(rewritten)
-    onnx_passes.zero_point_free_codes(rewritten)
+    onnx_passes.rewrite(rewritten)  # the ONNX backend's rewrites, in its order
     onnx.checker.check_model(rewritten)
     return rewritten
 

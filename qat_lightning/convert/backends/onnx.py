@@ -50,12 +50,7 @@ def write(source: ReferenceSource, path: Path) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    onnx_passes.keep_biases_float(proto)
-    onnx_passes.signed_codes_on_nonnegative_values(proto)
-    onnx_passes.quantize_before_reshape(proto)
-    onnx_passes.zero_point_free_codes(proto)
-    onnx_passes.drop_zero_weight_zero_points(proto)
-    onnx_passes.drop_debug_metadata(proto)
+    onnx_passes.rewrite(proto)
     onnx.save(proto, str(path))
 
 

@@ -6,6 +6,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def rewrite(proto) -> None:  # type: ignore[no-untyped-def]
+    """Every rewrite below, in the order the ONNX backend applies them (each later one reads the form the earlier
+    ones leave: the signed-codes pass removes the ``Clip`` that ``quantize_before_reshape`` would not move)."""
+    keep_biases_float(proto)
+    signed_codes_on_nonnegative_values(proto)
+    quantize_before_reshape(proto)
+    zero_point_free_codes(proto)
+    drop_zero_weight_zero_points(proto)
+    drop_debug_metadata(proto)
+
+
 def drop_debug_metadata(proto) -> None:  # type: ignore[no-untyped-def]
     """Remove what only helps debugging: the exporter's per-node and per-graph strings (source locations, FX node
     text; half the file otherwise), node names (optional in ONNX), the inferred shapes of intermediate values, and
