@@ -158,9 +158,9 @@ def test_a_recipe_in_a_yaml_config_is_the_plan_the_checkpoint_trained(tmp_path):
 
     plan = {p.name: p for p in plan_from_state_dict(_checkpoint(tmp_path)["state_dict"], prefix="backbone.")}
     assert {name: (p.weight.bits, p.activation.bits) for name, p in plan.items()} == {
-        "features.0": (8, 7),  # first and last layer: the recipe's default 8 bits
+        "features.0": (8, 8),  # first and last layer: the recipe's default 8 bits
         "features.4": (3, 3),
-        "classifier": (8, 7),
+        "classifier": (8, 8),
     }
     assert [p.weight.learned_scale for p in plan.values()] == [False, True, False]  # LSQ at <= 4 bits
     assert {p.activation.observer for p in plan.values()} == {"minmax"}

@@ -274,9 +274,9 @@ def test_format_plan_shows_the_new_layers_and_every_float_layer_with_its_reason(
     ]
     rows = [line.split(maxsplit=4) for line in format_plan(plan, floats).splitlines()[2:]]
     assert rows == [
-        ["conv", "Conv2d", "8", "7", "moving_average"],
+        ["conv", "Conv2d", "8", "8", "moving_average"],
         ["attn", "MultiheadAttention", "4", "4", "moving_average"],
-        ["deconv", "ConvTranspose2d", "8", "7", "moving_average"],  # the last planned layer
+        ["deconv", "ConvTranspose2d", "8", "8", "moving_average"],  # the last planned layer
         ["position", "Embedding", "float", "float", EMBEDDING_REASON],
         ["head", "Linear", "float", "float", "excluded by pattern 'head'"],
     ]

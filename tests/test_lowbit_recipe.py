@@ -163,7 +163,7 @@ def test_progressive_stages_switch_at_their_epochs_and_resume(trainer_kwargs):
     by_epoch = {b["epoch"]: b for b in reversed(stages.batches)}  # the first batch of each epoch
     assert by_epoch[0]["middle"] is None  # float warmup
     assert [by_epoch[e]["middle"] for e in (1, 2, 3)] == [(4, 4), (3, 3), (2, 2)]
-    assert all(by_epoch[e][n] == (8, 7) for e in (1, 2, 3) for n in ("first", "last"))  # first/last keep 8 bits
+    assert all(by_epoch[e][n] == (8, 8) for e in (1, 2, 3) for n in ("first", "last"))  # first/last keep 8 bits
     assert callback.state_dict()["stage"] == 2 and callback.stage_bits == 2
     # each stage starts from the scales the previous one learned, its clipping range on fewer levels
     for epoch, (old, new) in {2: (4, 3), 3: (3, 2)}.items():

@@ -19,12 +19,12 @@ def bits_of(plan):
 
 def test_first_and_last_layers_get_their_own_bits():
     plan = plan_quantization(net(), 2, first_last_bits=8)
-    assert bits_of(plan) == {"0": (8, 7), "2": (2, 2), "3": (2, 2), "5": (8, 7)}  # 8-bit layers: 7-bit inputs
+    assert bits_of(plan) == {"0": (8, 8), "2": (2, 2), "3": (2, 2), "5": (8, 8)}  # 8-bit layers: 8-bit inputs
 
 
 def test_overrides_by_glob_pattern_apply_last():
     plan = plan_quantization(net(), 4, first_last_bits=8, layer_bits={"0": 4, "[23]": 3})
-    assert bits_of(plan) == {"0": (4, 4), "2": (3, 3), "3": (3, 3), "5": (8, 7)}
+    assert bits_of(plan) == {"0": (4, 4), "2": (3, 3), "3": (3, 3), "5": (8, 8)}
 
 
 def test_activation_bits_apply_to_layers_at_the_default_width():
@@ -43,9 +43,9 @@ def test_format_plan_lists_every_layer():
     text = format_plan(plan_quantization(net(), 2, first_last_bits=8, learned_scale=None))
     lines = text.splitlines()
     assert lines[0].split() == ["layer", "type", "w_bits", "a_bits", "quantizer"]
-    assert lines[2].split() == ["0", "Conv2d", "8", "7", "moving_average"]
+    assert lines[2].split() == ["0", "Conv2d", "8", "8", "moving_average"]
     assert lines[3].split() == ["2", "Conv2d", "2", "2", "lsq"]
-    assert lines[5].split() == ["5", "Linear", "8", "7", "moving_average"]
+    assert lines[5].split() == ["5", "Linear", "8", "8", "moving_average"]
 
 
 def test_pattern_matching_no_layer_is_an_error_naming_it():

@@ -34,12 +34,12 @@ def summary(plan) -> list[tuple]:
 
 
 def test_the_product_defaults():
-    """First and last layer at 8 bits with 7-bit inputs and observed ranges, the others at 4 bits with LSQ."""
+    """First and last layer at 8 bits (weights and inputs) with observed ranges, the others at 4 bits with LSQ."""
     assert summary(plan_quantization(net())) == [
-        ("0", 8, 7, False, False, True, "moving_average"),
+        ("0", 8, 8, False, False, True, "moving_average"),
         ("2", 4, 4, True, True, True, "moving_average"),
         ("3", 4, 4, True, True, True, "moving_average"),
-        ("5", 8, 7, False, False, True, "moving_average"),
+        ("5", 8, 8, False, False, True, "moving_average"),
     ]
     for p in plan_quantization(net()):
         assert p.weight.symmetric and p.weight.observer == "moving_average" and p.weight.averaging_constant == 1.0
@@ -81,9 +81,9 @@ def test_keyword_arguments_build_the_recipe(arguments):
 def test_a_recipe_resolves_per_layer():
     recipe = QuantizationRecipe(bits=2, layer_bits={"2": 3}, exclude=("3",), learned_scale=False)
     assert summary(plan_quantization(net(), recipe=recipe)) == [
-        ("0", 8, 7, False, False, True, "moving_average"),
+        ("0", 8, 8, False, False, True, "moving_average"),
         ("2", 3, 3, False, False, True, "moving_average"),
-        ("5", 8, 7, False, False, True, "moving_average"),
+        ("5", 8, 8, False, False, True, "moving_average"),
     ]
     callback = QuantizationCallback(recipe=recipe)
     assert callback.recipe is recipe and callback.bits == 2

@@ -74,15 +74,6 @@ def _resolve_bits(
     return resolved
 
 
-def _input_bits(weight_bits: int) -> int:
-    """Default input width of a layer: its weight width, but 7 bits for 8-bit layers.
-
-    Like torch's x86 QAT default (``reduce_range``): oneDNN's int8 kernels on CPUs without VNNI/AMX add pairs of
-    8-bit x 8-bit products in 16 bits and can saturate; 7-bit inputs never do, so the int8 model stays exact.
-    """
-    return 7 if weight_bits == 8 else weight_bits
-
-
 def plan_quantization(
     model: nn.Module,
     bits: int = QuantizationRecipe.bits,
@@ -134,7 +125,7 @@ def plan_quantization(
     plan = []
     for name, module in layers:
         w_bits = resolved[name]
-        a_bits = activation_bits if activation_bits is not None and name not in overridden else _input_bits(w_bits)
+        a_bits = activation_bits if activation_bits is not None and name not in overridden else w_bits
         plan.append(
             LayerPlan(
                 name=name,

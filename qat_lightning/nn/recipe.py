@@ -39,16 +39,16 @@ class QuantizationRecipe:
     """Which layers are fake-quantized, at which bit widths, with which quantizers.
 
     The defaults are the product's: weights at 4 bits, per-channel symmetric over the current weights' range;
-    layer inputs per-tensor asymmetric at the layer's weight width (7 bits for 8-bit layers) over a moving
-    average of their range; the first and the last quantizable layer at 8 bits (7-bit inputs); LSQ learned
+    layer inputs per-tensor asymmetric at the layer's weight width over a moving average of their range; the
+    first and the last quantizable layer at 8 bits; LSQ learned
     scales for quantizers at 4 bits or fewer. ``QuantizationRecipe()`` is what ``QuantizationCallback()`` and
     ``plan_quantization(model)`` use.
 
     Args:
         bits: weight bit width of every quantizable layer unless overridden, 2..16.
-        activation_bits: input bit width of the layers at ``bits`` (``None``: the layer's weight bits, but 7 for
-            8-bit layers, torch's x86 ``reduce_range`` default that keeps int8 kernels exact; ``0``: every
-            layer's inputs stay float). Layers given their own width by ``first_last_bits`` or ``layer_bits``
+        activation_bits: input bit width of the layers at ``bits`` (``None``: the layer's weight bits; 8-bit
+            layers read the full unsigned 8-bit range, as torchao's X86InductorQuantizer and NNCF quantize, not
+            torch.ao's 7-bit ``reduce_range``; ``0``: every layer's inputs stay float). Layers given their own width by ``first_last_bits`` or ``layer_bits``
             follow the ``None`` rule.
         first_last_bits: bit width of the first and the last quantizable layer (module definition order), weights
             and inputs (``None``: like the other layers).
