@@ -48,8 +48,8 @@ class QuantizationRecipe:
         bits: weight bit width of every quantizable layer unless overridden, 2..16.
         activation_bits: input bit width of the layers at ``bits`` (``None``: the layer's weight bits; 8-bit
             layers read the full unsigned 8-bit range, as torchao's X86InductorQuantizer and NNCF quantize, not
-            torch.ao's 7-bit ``reduce_range``; ``0``: every layer's inputs stay float). Layers given their own width by ``first_last_bits`` or ``layer_bits``
-            follow the ``None`` rule.
+            torch.ao's 7-bit ``reduce_range``; ``0``: every layer's inputs stay float). Layers given their own
+            width by ``first_last_bits`` or ``layer_bits`` follow the ``None`` rule.
         first_last_bits: bit width of the first and the last quantizable layer (module definition order), weights
             and inputs (``None``: like the other layers).
         layer_bits: ``{glob pattern: bits}`` overrides by layer name (as in ``model.named_modules()``), weights and
