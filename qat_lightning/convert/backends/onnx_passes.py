@@ -104,10 +104,11 @@ def signed_codes_on_nonnegative_values(proto) -> None:  # type: ignore[no-untype
     clipped value is never negative, and ``Relu -> QuantizeLinear(int8)`` where it may be.
 
     A 7-bit input grid (``activation_bits=7``, torch.ao's ``reduce_range``; codes ``0..127``) needs a ``Clip`` in
-    the uint8 container, and the ``Clip`` keeps OpenVINO from fusing the rounding into the kernel before it. (On
-    VNNI CPUs without AMX, oneDNN then compensates the signed inputs: the 8-bit default grid is faster.) In the int8 container the grid's
-    top is the container's, and on values that are never negative the codes never go below the zero point, so the
-    same codes come out with no ``Clip``. A ``Clip(0, high)`` (the exporter's merged ``relu -> clamp``) of a
+    the uint8 container, and the ``Clip`` keeps OpenVINO from fusing the rounding into the kernel before it. In the
+    int8 container the grid's top is the container's, and on values that are never negative the codes never go
+    below the zero point, so the same codes come out with no ``Clip``. (On VNNI CPUs without AMX oneDNN then
+    compensates the signed inputs in every convolution: the default 8-bit grid, in uint8, is faster.) A
+    ``Clip(0, high)`` (the exporter's merged ``relu -> clamp``) of a
     value that may be negative becomes that ``Relu``.
     """
     from onnx import numpy_helper
