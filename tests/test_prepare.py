@@ -127,7 +127,9 @@ def test_optimizer_created_before_preparation_keeps_training():
         optimizer.step()
         losses.append(loss.item())
     for name, param in model.named_parameters():
-        assert param.grad is not None and not torch.equal(param, before[name]), name
+        assert param.grad is not None, name
+        # the bias before BatchNorm has no gradient but rounding noise: BatchNorm subtracts it again
+        assert name == "image.0.bias" or not torch.equal(param, before[name]), name
     assert losses[-1] < losses[0]
 
 
