@@ -23,10 +23,12 @@ from qat_lightning.convert.reference import ReferenceSource
 from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
 
 
-def _calibrated(model: nn.Module, input_shape: tuple[int, ...], bits: int = 8, share: bool = False) -> nn.Module:
+def _calibrated(
+    model: nn.Module, input_shape: tuple[int, ...], bits: int = 8, share: bool = False, reduce_range: bool = False
+) -> nn.Module:
     """``model`` fake-quantized at ``bits`` (first/last at 8), its observers run on 3 random batches of 16; with
     ``share``, inputs are rounded where they are made, as ``QuantizationCallback`` does."""
-    apply_plan(model, plan_quantization(model, bits, first_last_bits=8))
+    apply_plan(model, plan_quantization(model, bits, first_last_bits=8, reduce_range=reduce_range))
     if share:
         share_input_quantizers(model, find_input_producers(model, (torch.randn(2, *input_shape),)))
     model.train()
@@ -71,8 +73,9 @@ x86_available = pytest.mark.skipif(backend("x86").requirement() is not None, rea
 
 @x86_available
 def test_x86_package_calls_onednn_int8_kernels_and_follows_the_model(tmp_path) -> None:
-    """Fails loudly if a torch release stops fusing the reference program into oneDNN int8 kernels."""
-    model = _calibrated(_rgb_cnn(), (3, 16, 16))
+    """Fails loudly if a torch release stops fusing the reference program into oneDNN int8 kernels. (7-bit inputs:
+    exact on every x86 CPU; on AVX2-only ones 8-bit inputs saturate, see the next tests.)"""
+    model = _calibrated(_rgb_cnn(), (3, 16, 16), reduce_range=True)
     batches = [((torch.randn(8, 3, 16, 16),), None) for _ in range(3)]
     result = convert_model(model, batches[0][0], tmp_path, formats=("x86",), packed=False, check_batches=batches)
 
@@ -107,6 +110,43 @@ def test_x86_package_that_computes_something_else_is_refused_and_the_other_files
         result = convert_model(model, (torch.randn(8, 1, 16, 16),), tmp_path, formats=("pt2", "x86"), packed=False)
     assert "single input channel" in result.failed["x86"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conversion_report.json", "model_int8.pt2"]
+
+
+def test_x86_refusal_of_a_model_on_8_bit_inputs_names_reduce_range() -> None:
+    x = torch.randn(8, 3, 16, 16)
+    x86 = backend("x86")
+    eight_bit = ReferenceSource(integer_model(_calibrated(_rgb_cnn(), (3, 16, 16))), (x,))
+    assert "8-bit inputs: train with `reduce_range=True`" in x86.mismatch_cause(eight_bit)
+    seven_bit = ReferenceSource(integer_model(_calibrated(_rgb_cnn(), (3, 16, 16), reduce_range=True)), (x,))
+    assert "reduce_range" not in x86.mismatch_cause(seven_bit)
+    assert "requantize in their own float order" in x86.mismatch_cause(seven_bit)
+
+
+@x86_available
+def test_x86_package_on_an_avx2_cpu_follows_7_bit_inputs_and_names_reduce_range_for_8_bit_ones(tmp_path) -> None:
+    """oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, read when oneDNN starts: a fresh process) adds 8-bit products
+    in 16 bits: with 7-bit inputs (``reduce_range=True``) the package follows the program; with 8-bit ones it may
+    saturate (on some inputs only), and then the refusal names the fix."""
+    for name, reduce_range in (("seven", True), ("eight", False)):
+        torch.save(_calibrated(_rgb_cnn(), (3, 16, 16), reduce_range=reduce_range), tmp_path / f"{name}.pt")
+    script = (
+        "import torch\n"
+        "from qat_lightning import convert_model\n"
+        "outcomes = {}\n"
+        "for name in ('seven', 'eight'):\n"
+        f"    model = torch.load({str(tmp_path)!r} + f'/{{name}}.pt', weights_only=False)\n"
+        "    torch.manual_seed(0)\n"
+        "    x = torch.randn(8, 3, 16, 16)\n"
+        f"    result = convert_model(model, (x,), {str(tmp_path)!r} + f'/{{name}}', formats=('x86',), packed=False)\n"
+        "    outcomes[name] = result.failed.get('x86', 'written')\n"
+        "print(repr(outcomes))\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcomes = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert outcomes["seven"] == "written", outcomes
+    assert outcomes["eight"] == "written" or "train with `reduce_range=True`" in outcomes["eight"], outcomes
 
 
 executorch_available = pytest.mark.skipif(

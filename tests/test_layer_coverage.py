@@ -224,7 +224,7 @@ def test_optional_backends_convert_attention_and_conv_transpose(fmt, tmp_path):
     if backend(fmt).requirement() is not None:
         pytest.skip(backend(fmt).requirement())
     net = AttentionDecoder()
-    apply_plan(net, plan_quantization(net, 4, first_last_bits=8))
+    apply_plan(net, plan_quantization(net, 4, first_last_bits=8, reduce_range=True))  # exact in oneDNN on any x86
     with torch.no_grad():
         for _ in range(3):
             net.train()(torch.randn(16, 3, 8, 8))

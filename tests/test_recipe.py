@@ -66,6 +66,7 @@ ARGUMENTS = [
     {"learned_scale": True},
     {"per_channel_weights": False},
     {"activation_observer": "minmax"},
+    {"reduce_range": True},
 ]
 
 
@@ -76,6 +77,17 @@ def test_keyword_arguments_build_the_recipe(arguments):
     assert plan_quantization(net(), **arguments) == plan_quantization(net(), recipe=recipe)
     assert recipe != QuantizationRecipe()  # each argument changes the recipe ...
     assert plan_quantization(net(), recipe=recipe) != plan_quantization(net())  # ... and the plan
+
+
+def test_reduce_range_puts_every_8_bit_input_grid_on_7_bits():
+    assert summary(plan_quantization(net(), reduce_range=True))[0][:3] == ("0", 8, 7)
+    assert [p.activation.bits for p in plan_quantization(net(), reduce_range=True)] == [7, 4, 4, 7]
+    assert [p.activation.bits for p in plan_quantization(net(), 8, reduce_range=True)] == [7, 7, 7, 7]
+    assert [p.activation.bits for p in plan_quantization(net(), 4, 8, reduce_range=True)] == [7, 7, 7, 7]
+    assert [p.activation.bits for p in plan_quantization(net(), 6, reduce_range=True)] == [7, 6, 6, 7]
+    assert [p.weight.bits for p in plan_quantization(net(), 8, reduce_range=True)] == [8, 8, 8, 8]  # inputs only
+    with pytest.raises(ValueError, match=r"`reduce_range` must be True or False, got 'yes'"):
+        QuantizationRecipe(reduce_range="yes")
 
 
 def test_a_recipe_resolves_per_layer():

@@ -196,7 +196,7 @@ class QuantizationCallback(Callback):
 
     Args:
         bits, activation_bits, exclude, first_last_bits, layer_bits, learned_scale, per_channel_weights,
-            activation_observer: the quantization recipe, as the fields of
+            activation_observer, reduce_range: the quantization recipe, as the fields of
             :class:`~qat_lightning.nn.QuantizationRecipe` (same meaning, same defaults); or give ``recipe``.
         warmup_epochs: epochs of FP32 training before fake quantization (0 quantizes from the start).
         freeze_bn_epoch: epoch at which BatchNorm statistics are frozen (``None``: 3 epochs after the final stage
@@ -258,6 +258,7 @@ class QuantizationCallback(Callback):
         learned_scale: bool | None = QuantizationRecipe.learned_scale,
         per_channel_weights: bool = QuantizationRecipe.per_channel_weights,
         activation_observer: ObserverName | None = QuantizationRecipe.activation_observer,
+        reduce_range: bool = QuantizationRecipe.reduce_range,
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
         progressive: Sequence[int] = (),
@@ -284,6 +285,7 @@ class QuantizationCallback(Callback):
             learned_scale=learned_scale,
             per_channel_weights=per_channel_weights,
             activation_observer=activation_observer,
+            reduce_range=reduce_range,
         )
         self.mode = mode
         self._ptq = PostTrainingQuantization(recipe, calibration_batches) if mode == "ptq" else None

@@ -86,6 +86,7 @@ def plan_quantization(
     per_channel_weights: bool = QuantizationRecipe.per_channel_weights,
     weight_observer: ObserverName = QuantizationRecipe.weight_observer,
     activation_observer: ObserverName | None = QuantizationRecipe.activation_observer,
+    reduce_range: bool = QuantizationRecipe.reduce_range,
     recipe: QuantizationRecipe | None = None,
 ) -> list[LayerPlan]:
     """One ``LayerPlan`` per quantizable layer of ``model`` not matched by an ``exclude`` glob pattern.
@@ -114,6 +115,7 @@ def plan_quantization(
         per_channel_weights=per_channel_weights,
         weight_observer=weight_observer,
         activation_observer=activation_observer,
+        reduce_range=reduce_range,
     )
     layers = [
         (n, m) for n, m in model.named_modules() if is_quantizable(m) and _matching_pattern(n, recipe.exclude) is None
@@ -125,7 +127,7 @@ def plan_quantization(
     plan = []
     for name, module in layers:
         w_bits = resolved[name]
-        a_bits = activation_bits if activation_bits is not None and name not in overridden else w_bits
+        a_bits = recipe.input_bits(w_bits, own_width=name in overridden)
         plan.append(
             LayerPlan(
                 name=name,

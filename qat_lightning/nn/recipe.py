@@ -63,6 +63,10 @@ class QuantizationRecipe:
             current weights), ``"minmax"`` or ``"mse"``.
         activation_observer: how input ranges are observed: ``"moving_average"``, ``"minmax"`` or ``"mse"``
             (``None``: moving average when training, MSE-searched clipping when calibrating after training).
+        reduce_range: every 8-bit input grid on 7 bits (torch.ao's x86 ``reduce_range``), for int8 kernels that
+            add pairs of 8-bit products in 16 bits and saturate on 8-bit inputs: oneDNN and fbgemm on x86 CPUs
+            without VNNI (AVX2 only), where the ``x86`` backend otherwise refuses the model. The default 8-bit
+            grid is faster in OpenVINO on VNNI CPUs and is what NNCF and torchao's X86InductorQuantizer use.
 
     Raises:
         ValueError: naming the argument and its allowed values, for any value outside them.
@@ -77,6 +81,7 @@ class QuantizationRecipe:
     per_channel_weights: bool = True
     weight_observer: ObserverName = "moving_average"
     activation_observer: ObserverName | None = None
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -96,9 +101,17 @@ class QuantizationRecipe:
         _check_flag(self.per_channel_weights, "per_channel_weights")
         _check_observer(self.weight_observer, "weight_observer")
         _check_observer(self.activation_observer, "activation_observer", optional=True)
+        _check_flag(self.reduce_range, "reduce_range")
         # Own copies, so that a recipe never changes with the caller's dict or list.
         object.__setattr__(self, "layer_bits", dict(self.layer_bits))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def input_bits(self, weight_bits: int, own_width: bool) -> int:
+        """Input width of a layer with ``weight_bits``-bit weights: ``activation_bits`` for the layers at ``bits``,
+        the weight width for those given ``own_width`` (by ``first_last_bits`` or ``layer_bits``) or when
+        ``activation_bits`` is ``None``; 8 becomes 7 with ``reduce_range``. (``activation_bits=0``: see the plan.)"""
+        width = weight_bits if self.activation_bits is None or own_width else self.activation_bits
+        return 7 if self.reduce_range and width == 8 else width
 
     def learns_scale(self, bits: int) -> bool:
         """Whether a quantizer at ``bits`` bits learns its scale (LSQ) under this recipe."""

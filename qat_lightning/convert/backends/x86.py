@@ -61,19 +61,28 @@ def write(source: ReferenceSource, path: Path) -> None:
         expected = program.module()(*source.example_inputs)
         error = relative_error(load(path)(*source.example_inputs), expected)
     if error > MAX_RELATIVE_ERROR:
-        single_channel = any(
-            isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 1 for m in source.integer.model.modules()
-        )
-        cause = (
-            "oneDNN's fused int8 kernels are known to go wrong for convolutions with a single input channel "
-            "(grayscale images)"
-            if single_channel
-            else "oneDNN's fused int8 kernels requantize in their own float order, and the flipped roundings add up"
-        )
         raise RuntimeError(
             f"the compiled package computes something else than the int8 program (relative error {error:.3f} on the "
-            f"example inputs, more than {MAX_RELATIVE_ERROR}). {cause}; use the 'onnx' or 'pt2' formats for this model"
+            f"example inputs, more than {MAX_RELATIVE_ERROR}). {mismatch_cause(source)}; use the 'onnx' or 'pt2' "
+            "formats for this model"
         )
+
+
+def mismatch_cause(source: ReferenceSource) -> str:
+    """The likely reason why oneDNN's package of ``source`` computes something else than its program."""
+    modules = source.integer.model.modules()
+    if any(isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 1 for m in modules):
+        return (
+            "oneDNN's fused int8 kernels are known to go wrong for convolutions with a single input channel "
+            "(grayscale images)"
+        )
+    cause = "oneDNN's fused int8 kernels requantize in their own float order, and the flipped roundings add up"
+    if any(layer.input is not None and layer.input.bits == 8 for layer in source.integer.layers.values()):
+        cause += (
+            "; on x86 CPUs without VNNI (AVX2 only) they add pairs of 8-bit products in 16 bits, which saturates "
+            "on 8-bit inputs: train with `reduce_range=True` (7-bit inputs) for this backend"
+        )
+    return cause
 
 
 def _program(source: ReferenceSource) -> torch.export.ExportedProgram:
