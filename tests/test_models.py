@@ -141,10 +141,10 @@ def test_backbone_loads_from_a_lightning_checkpoint(tmp_path):
         load_weights(resnet_cifar(8), tmp_path / "float.ckpt", prefix="head.")
 
 
-def test_image_classifier_sgd_option_and_qat_of_resnet20():
+def test_image_classifier_sgd_option_and_qat_of_resnet20(tmp_path):
     model = ImageClassifier(resnet20(), optimizer="sgd", lr=0.05, momentum=0.8, weight_decay=5e-4)
     callback = QuantizationCallback(bits=4, warmup_epochs=0)
-    trainer = tiny_trainer(max_steps=2, callbacks=[callback])
+    trainer = tiny_trainer(max_steps=2, callbacks=[callback], default_root_dir=tmp_path)  # the int8 files go there
     trainer.fit(model, random_loader())
 
     optimizer = trainer.optimizers[0]
