@@ -122,8 +122,6 @@ def plan_quantization(
     ]
     resolved = _resolve_bits([n for n, _ in layers], recipe.bits, recipe.first_last_bits, recipe.layer_bits)
     overridden = {n for n, b in resolved.items() if b != recipe.bits}
-    activation_bits = recipe.activation_bits
-
     plan = []
     for name, module in layers:
         w_bits = resolved[name]
@@ -133,7 +131,7 @@ def plan_quantization(
                 name=name,
                 layer_type=type(module).__name__,
                 weight=dataclasses.replace(recipe.weight_config(w_bits), channel_axis=weight_channel_axis(module)),
-                activation=recipe.input_config(a_bits) if a_bits and activation_bits != 0 else None,
+                activation=recipe.input_config(a_bits) if a_bits else None,
             )
         )
     return plan

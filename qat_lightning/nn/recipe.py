@@ -40,9 +40,8 @@ class QuantizationRecipe:
 
     The defaults are the product's: weights at 4 bits, per-channel symmetric over the current weights' range;
     layer inputs per-tensor asymmetric at the layer's weight width over a moving average of their range; the
-    first and the last quantizable layer at 8 bits; LSQ learned
-    scales for quantizers at 4 bits or fewer. ``QuantizationRecipe()`` is what ``QuantizationCallback()`` and
-    ``plan_quantization(model)`` use.
+    first and the last quantizable layer at 8 bits; LSQ learned scales for quantizers at 4 bits or fewer.
+    ``QuantizationRecipe()`` is what ``QuantizationCallback()`` and ``plan_quantization(model)`` use.
 
     Args:
         bits: weight bit width of every quantizable layer unless overridden, 2..16.
@@ -107,9 +106,12 @@ class QuantizationRecipe:
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def input_bits(self, weight_bits: int, own_width: bool) -> int:
-        """Input width of a layer with ``weight_bits``-bit weights: ``activation_bits`` for the layers at ``bits``,
-        the weight width for those given ``own_width`` (by ``first_last_bits`` or ``layer_bits``) or when
-        ``activation_bits`` is ``None``; 8 becomes 7 with ``reduce_range``. (``activation_bits=0``: see the plan.)"""
+        """Input width of a layer with ``weight_bits``-bit weights (``0``: its inputs stay float): ``activation_bits``
+        for the layers at ``bits``, the weight width for those given ``own_width`` (by ``first_last_bits`` or
+        ``layer_bits``) or when ``activation_bits`` is ``None``; ``0`` for every layer when ``activation_bits`` is
+        ``0``; 8 becomes 7 with ``reduce_range``."""
+        if self.activation_bits == 0:
+            return 0
         width = weight_bits if self.activation_bits is None or own_width else self.activation_bits
         return 7 if self.reduce_range and width == 8 else width
 
