@@ -273,7 +273,10 @@ def main() -> None:
             found = run_seed(job, dm, seed, args.quick, brevitas, tuple(args.bits), tuple(args.variants))
             for method, accuracy in found.items():
                 per_seed.setdefault(f"{name}_{method}", []).append(accuracy)
-            print(f"[{name} seed {seed} done after {time.perf_counter() - start:.0f} s]", flush=True)
+            # Each seed's accuracies as soon as they exist: a long run stopped early keeps the seeds it finished.
+            elapsed = time.perf_counter() - start
+            rounded = {method: round(accuracy, 4) for method, accuracy in found.items()}
+            print(f"[{name} seed {seed} done after {elapsed:.0f} s] {json.dumps(rounded)}", flush=True)
 
     results: dict[str, Any] = {key: summary(runs) for key, runs in per_seed.items()}
     methods = ["fp32"] + [

@@ -54,7 +54,14 @@ def test_recipe_cost_reports_each_epoch_and_its_ratio():
 
 def test_accuracy_quick_run_reports_every_method_of_the_subset():
     args = ("--quick", "--jobs", "digits_cnn", "--bits", "2", "--variants", "qat", "--threads", "1")
-    result = _last_json(_run("bench_accuracy.py", *args))
+    run = _run("bench_accuracy.py", *args)
+    result = _last_json(run)
+    seed_lines = [line for line in run.stdout.splitlines() if line.startswith("[digits_cnn seed 0 done after")]
+    assert len(seed_lines) == 1  # each seed's accuracies are printed when it ends, before the summary
+    per_seed = json.loads(seed_lines[0].split("] ", 1)[1])
+    assert {f"digits_cnn_{m}": a for m, a in per_seed.items()} == {
+        k: v["runs"][0] for k, v in result.items() if k.startswith("digits_cnn_")
+    }
     methods = {k.removeprefix("digits_cnn_") for k in result if k.startswith("digits_cnn_")}
     assert {"fp32", "ptq_naive_2", "ptq_2", "ptq_all_2", "qat_2"} <= methods
     assert methods <= {"fp32", "ptq_naive_2", "ptq_2", "ptq_all_2", "qat_2", "brevitas_qat_2"}
