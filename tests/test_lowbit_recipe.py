@@ -243,17 +243,22 @@ class Phases(Callback):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        # 2 bits, 8 epochs: BatchNorm frozen at 3 * 8 // 4 = 6, observers at 7 (not 3 and 4).
+        # 8 epochs: BatchNorm frozen at 3 * 8 // 4 = 6, observers at 7 (not 3 and 4), at every width.
         (dict(bits=2), ["qat"] * 6 + ["qat_bn_frozen", "qat_frozen"]),
-        # 4 bits keeps torchvision's 3 and 4; given freezes are kept at 2 bits too.
-        (dict(bits=4), ["qat"] * 3 + ["qat_bn_frozen"] + ["qat_frozen"] * 4),
+        (dict(bits=4), ["qat"] * 6 + ["qat_bn_frozen", "qat_frozen"]),
+        (dict(bits=8), ["qat"] * 6 + ["qat_bn_frozen", "qat_frozen"]),
+        # Freezes given as arguments are kept.
+        (
+            dict(bits=4, freeze_bn_epoch=3, freeze_observers_epoch=4),
+            ["qat"] * 3 + ["qat_bn_frozen"] + ["qat_frozen"] * 4,
+        ),
         (
             dict(bits=2, freeze_bn_epoch=2, freeze_observers_epoch=5),
             ["qat"] * 2 + ["qat_bn_frozen"] * 3 + ["qat_frozen"] * 3,
         ),
     ],
 )
-def test_low_bit_default_freezes_come_in_the_last_quarter(trainer_kwargs, kwargs, expected):
+def test_default_freezes_come_in_the_last_quarter(trainer_kwargs, kwargs, expected):
     pl.seed_everything(0)
     callback = QuantizationCallback(warmup_epochs=0, calibration_batches=1, convert_on_fit_end=False, **kwargs)
     phases = Phases(callback)
