@@ -2,11 +2,20 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
 
-from qat_lightning.quant import FakeQuantizer, activation_config, choose_qparams, fused, quant_range, straight_through
+from qat_lightning.quant import (
+    FakeQuantizer,
+    activation_config,
+    choose_qparams,
+    error,
+    fused,
+    quant_range,
+    straight_through,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +97,34 @@ def test_fused_values_equal_torch_kernel(bits, symmetric):
     assert "values" in fused._compiled and fused._enabled  # the kernel ran, not the passes
     assert torch.equal(ours, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax))
     assert torch.equal(ours, straight_through.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax))
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(2, False), (4, True)])
+def test_fused_candidate_errors_equal_numpy_and_the_passes(bits, symmetric):
+    """The clipping-search kernel: each row's mean squared error on each candidate grid, against NumPy in float64
+    on torch's own fake-quantized values, and against the unfused passes."""
+    torch.manual_seed(0)
+    qmin, qmax = quant_range(bits, symmetric)
+    sample = torch.randn(3, 2000) * torch.tensor([[0.5], [1.0], [3.0]])
+    ratios = torch.linspace(0.2, 1.0, 7)
+    scale, zero_point = choose_qparams(
+        sample.amin(1, keepdim=True) * ratios, sample.amax(1, keepdim=True) * ratios, bits, symmetric
+    )
+    fused._compiled.pop("errors", None)
+    torch._dynamo.utils.counters.clear()
+    with torch.compiler.set_stance("force_eager"):  # as calibration runs the model: our kernel still compiles
+        ours = fused.candidate_errors(sample, scale, zero_point, qmin, qmax)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and fused._enabled  # compiled, not the passes
+    assert ours.shape == (3, 7) and ours.dtype == torch.float32
+    expected = np.empty((3, 7))
+    for c in range(3):
+        for r in range(7):
+            rounded = torch.fake_quantize_per_tensor_affine(sample[c], scale[c, r], zero_point[c, r], qmin, qmax)
+            expected[c, r] = ((rounded.double() - sample[c].double()) ** 2).mean().item()
+    np.testing.assert_allclose(ours.double().numpy(), expected, rtol=1e-5)
+    passes = error.candidate_errors(sample, scale, zero_point, qmin, qmax)
+    torch.testing.assert_close(ours, passes, rtol=1e-5, atol=0)
+    assert torch.equal(ours.argmin(dim=1), passes.argmin(dim=1))
 
 
 def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):

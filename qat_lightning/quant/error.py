@@ -1,8 +1,11 @@
-"""Quantization error of a tensor: signal-to-quantization-noise ratio and maximum absolute error."""
+"""Quantization error of a tensor: signal-to-quantization-noise ratio, maximum absolute error, and the mean
+squared error of candidate grids (the clipping search of ``MSEObserver``)."""
 
 from __future__ import annotations
 
 import torch
+
+from qat_lightning.quant.straight_through import fake_quantize_values
 
 
 def _check_shapes(reference: torch.Tensor, approximation: torch.Tensor) -> None:
@@ -38,3 +41,22 @@ def max_abs_error(reference: torch.Tensor, approximation: torch.Tensor) -> torch
     """Largest elementwise ``|reference - approximation|``, in the units of the tensors (float64 scalar)."""
     _check_shapes(reference, approximation)
     return (reference.detach().double() - approximation.detach().double()).abs().amax()
+
+
+def candidate_errors(
+    sample: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Mean squared error of rounding each row of ``sample`` to each of its candidate grids.
+
+    Args:
+        sample: ``(C, n)`` float32 values, one row per channel (one row per tensor).
+        scale, zero_point: ``(C, R)``, the ``R`` candidate grids of each row (float32 scale, integral zero point).
+        qmin, qmax: the integer range of the grids.
+
+    Returns:
+        ``(C, R)`` float32: ``mean((fake_quantize(sample[c]) - sample[c]) ** 2)`` on grid ``(c, r)``, in the
+        squared units of ``sample``.
+    """
+    values = sample[:, None, :]
+    rounded = fake_quantize_values(values, scale[..., None], zero_point[..., None].float(), qmin, qmax)
+    return (rounded - values).pow_(2).mean(dim=2)

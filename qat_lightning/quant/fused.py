@@ -1,6 +1,9 @@
-"""Fused fake quantization in eager mode: ``straight_through.fake_quantize_lsq`` compiled once by inductor, and
+"""Fused fake quantization in eager mode: ``straight_through.fake_quantize_lsq`` compiled once by inductor,
 ``straight_through.fake_quantize_values`` (the values without a gradient, for recomputing a rounded input in a
-backward pass, ``qat_lightning.nn.recomputed_input``) likewise: one loop instead of four passes.
+backward pass, ``qat_lightning.nn.recomputed_input``) likewise: one loop instead of four passes; and
+``error.candidate_errors`` (the clipping search of ``MSEObserver``), one loop that rounds, squares and sums
+without writing the ``(C, R, n)`` rounded candidates (measured, 1 thread, 50 candidates of a 40,960-value sample:
+1.1 ms against 10.3 ms for the passes; the errors agree within float32 summation order, about 1e-6 relative).
 
 ``fake_quantize_lsq`` takes 4 vectorised passes forward and 7 backward. Compiled with
 ``torch.compile(dynamic=True)``, inductor turns each direction into one loop over the tensor (the forward writes
@@ -28,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from qat_lightning.quant import straight_through
+from qat_lightning.quant import error, straight_through
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ MIN_FUSED_ELEMENTS = 65536
 _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "lsq": straight_through.fake_quantize_lsq,
     "values": straight_through.fake_quantize_values,
+    "errors": error.candidate_errors,
 }
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _enabled = True
@@ -53,21 +57,27 @@ def _kernel(name: str) -> Callable[..., torch.Tensor]:
     return _compiled[name]
 
 
-def _run(name: str, x: torch.Tensor, args: tuple[object, ...], training: bool) -> torch.Tensor:
-    """``_FUNCTIONS[name](*args)`` from its compiled kernel where that applies (``x`` a large CPU tensor, eager, and
-    in gradient mode when ``training``), else as it is."""
+def _run(
+    name: str, x: torch.Tensor, args: tuple[object, ...], training: bool, elements: int | None = None
+) -> torch.Tensor:
+    """``_FUNCTIONS[name](*args)`` from its compiled kernel where that applies (``x`` a CPU tensor, ``elements``
+    values of work, default ``x.numel()``, at least ``MIN_FUSED_ELEMENTS``; eager; in gradient mode when
+    ``training``), else as it is."""
     global _enabled
     if not (
         _enabled
         and type(x) is torch.Tensor
         and x.device.type == "cpu"
-        and x.numel() >= MIN_FUSED_ELEMENTS
+        and (x.numel() if elements is None else elements) >= MIN_FUSED_ELEMENTS
         and (torch.is_grad_enabled() or not training)
         and not torch.compiler.is_compiling()
     ):
         return _FUNCTIONS[name](*args)
     try:
-        return _kernel(name)(*args)
+        # Our own kernels are an eager-mode detail: compiled even where the caller forces compiled code to run
+        # eagerly (calibration runs the model under ``set_stance("force_eager")``).
+        with torch.compiler.set_stance("default"):
+            return _kernel(name)(*args)
     except Exception as err:  # no C++ compiler, or inductor cannot build here: the passes give the same numbers
         _enabled = False
         log.warning("qat_lightning: fused fake quantization unavailable (%s); using vectorised passes.", err)
@@ -88,3 +98,13 @@ def fake_quantize_values(
     """``straight_through.fake_quantize_values`` (same arguments, the same values bit for bit), from the compiled
     kernel where it applies: one pass instead of four, for recomputing a rounded tensor in a backward pass."""
     return _run("values", x, (x, scale, zero_point, qmin, qmax), training=False)
+
+
+def candidate_errors(
+    sample: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``error.candidate_errors`` (same arguments, the same errors up to float32 summation order), from the
+    compiled kernel where it applies (``sample.numel()`` times the candidates per row, at least
+    ``MIN_FUSED_ELEMENTS``)."""
+    elements = sample.numel() * scale.shape[-1]
+    return _run("errors", sample, (sample, scale, zero_point, qmin, qmax), training=False, elements=elements)

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from qat_lightning.quant.config import QuantizerConfig
+from qat_lightning.quant.fused import candidate_errors
 from qat_lightning.quant.primitives import choose_qparams, quant_range
-from qat_lightning.quant.straight_through import fake_quantize_ste
 
 
 def _global_range(cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,14 +168,12 @@ class MSEObserver(MinMaxObserver):
         scale, zp = choose_qparams(  # every candidate at once: (C, R)
             self.min_val.reshape(-1, 1) * ratios, self.max_val.reshape(-1, 1) * ratios, bits, symmetric
         )
-        # squared error of each candidate, a few candidates at a time (at most ~16 M values in flight)
+        # squared error of each candidate, a few candidates at a time (at most ~16 M values in flight unfused)
         step = max(1, 2**24 // sample.numel())
-        errors = []
-        for i in range(0, len(self.ratios), step):
-            s, z = scale[:, i : i + step, None], zp[:, i : i + step, None]
-            quantized = fake_quantize_ste(sample[:, None, :], s, z, qmin, qmax)
-            errors.append((quantized - sample[:, None, :]).pow_(2).mean(dim=2))
-        error = torch.cat(errors, dim=1)
+        chunks = range(0, len(self.ratios), step)
+        error = torch.cat(
+            [candidate_errors(sample, scale[:, i : i + step], zp[:, i : i + step], qmin, qmax) for i in chunks], dim=1
+        )
         best = torch.nan_to_num(error, nan=math.inf).argmin(dim=1, keepdim=True)  # the first of equal minima
         best_scale, best_zp = scale.gather(1, best).squeeze(1), zp.gather(1, best).squeeze(1)
         shape = self.min_val.shape
