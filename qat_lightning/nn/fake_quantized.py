@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qat_lightning.nn import recomputed_input
+from qat_lightning.nn import recomputed_input, transposed_padding
 from qat_lightning.nn.attention import multi_head_attention
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 
@@ -144,9 +144,7 @@ def conv_transpose(
         output_size: the spatial output size to pick among those the stride allows (``None``: the smallest).
     """
     spatial = len(layer.kernel_size)
-    output_padding = layer._output_padding(
-        input, output_size, layer.stride, layer.padding, layer.kernel_size, spatial, layer.dilation
-    )
+    output_padding = transposed_padding.output_padding(layer, input.shape, output_size)
     return _CONV_TRANSPOSE[spatial](
         input, weight, layer.bias, layer.stride, layer.padding, output_padding, layer.groups, layer.dilation
     )

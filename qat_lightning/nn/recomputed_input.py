@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.nn import transposed_padding
 from qat_lightning.quant import FakeQuantizer
 from qat_lightning.quant.rounding import Rounding
 
@@ -100,9 +101,7 @@ def convolution(
     spatial = len(layer.kernel_size)
     output_padding = [0] * spatial
     if transposed:
-        output_padding = layer._output_padding(
-            input, output_size, layer.stride, layer.padding, layer.kernel_size, spatial, layer.dilation
-        )
+        output_padding = transposed_padding.output_padding(layer, input.shape, output_size)
     conv_args: tuple[Any, ...] = (
         list(layer.stride),
         list(layer.padding),
