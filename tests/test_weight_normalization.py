@@ -142,6 +142,21 @@ def test_fold_state_dict_loads_into_a_plain_model() -> None:
     torch.testing.assert_close(plain(x), normalized(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dim", [1, -1])
+def test_fold_state_dict_along_another_dim_gives_the_trained_weight(dim: int) -> None:
+    torch.manual_seed(1)
+    normalized = SmallCNN().eval()
+    apply_weight_norm(normalized, dim=dim)
+    with torch.no_grad():
+        normalized.features[0].parametrizations.weight.original0.uniform_(0.5, 2.0)
+    layers = [(name, m) for name, m in normalized.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    expected = {name: m.weight.detach().clone() for name, m in layers}
+    state = normalized.state_dict()
+    fold_weight_norm_state_dict(state, dim=dim)
+    for name, weight in expected.items():
+        torch.testing.assert_close(state[f"{name}.weight"], weight, rtol=0, atol=0)
+
+
 class OptimizerProbe(L.Callback):
     """Records, at each epoch start, whether g and v of the first conv are optimized, and their values."""
 

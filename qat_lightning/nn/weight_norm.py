@@ -16,17 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
+from torch.nn.utils.parametrizations import weight_norm
 
 WEIGHT_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _G_KEY = "parametrizations.weight.original0"
 _V_KEY = "parametrizations.weight.original1"
+# The parametrization class ``weight_norm`` registers, found through the public function (torch's class is private).
+_WEIGHT_NORM_CLASS = type(weight_norm(nn.Linear(1, 1)).parametrizations.weight[0])
 
 
 def is_weight_normalized(module: nn.Module) -> bool:
     """Whether ``module.weight`` is computed by a weight-norm parametrization."""
     return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, _WeightNorm) for p in module.parametrizations.weight
+        isinstance(p, _WEIGHT_NORM_CLASS) for p in module.parametrizations.weight
     )
 
 
@@ -100,5 +102,16 @@ def fold_weight_norm_state_dict(
     for layer in found:
         g = state_dict.pop(layer + _G_KEY)
         v = state_dict.pop(layer + _V_KEY)
-        state_dict[layer + "weight"] = torch._weight_norm(v, g, dim)
+        state_dict[layer + "weight"] = _normalized_weight(g, v, dim)
     return found
+
+
+@torch.no_grad()
+def _normalized_weight(g: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``g * v / ||v||`` (norm over every dimension but ``dim``), computed by the weight-norm parametrization
+    itself on a holder of ``v``'s shape, so the values are those training saw, bit for bit."""
+    holder = nn.Module()
+    holder.weight = nn.Parameter(v.clone())
+    weight_norm(holder, dim=dim)
+    holder.parametrizations.weight.original0.copy_(g)
+    return holder.weight.detach()
