@@ -71,3 +71,15 @@ def test_accuracy_quick_run_reports_every_method_of_the_subset():
         assert 0.0 <= entry["mean"] <= 1.0
     assert result["digits_cnn_fp32"]["mean"] > 0.5  # 10 classes: a trained float model, not chance
     assert result["settings"]["quick"] is True and result["settings"]["bits"] == [2]
+    assert result["settings"]["qat lr per bit width"] == {"digits_cnn": {"2": 1e-3}}  # JSON keys are strings
+
+
+def test_accuracy_jobs_fine_tune_at_their_per_bit_width_lr():
+    code = (
+        "import bench_accuracy as b\n"
+        "job = b.JOBS['digits_resnet20']\n"
+        "print([job.lr_for(bits) for bits in (2, 4, 8)], [b.JOBS['digits_cnn'].lr_for(bits) for bits in (2, 4, 8)])\n"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[0.001,", "0.0001,", "0.0001]", "[0.001,", "0.001,", "0.001]"]
