@@ -1,7 +1,7 @@
 """qat-lightning: quantization-aware training for PyTorch Lightning."""
 
 from qat_lightning.analysis import LayerSensitivity, format_sensitivity, layer_sensitivity
-from qat_lightning.calibration import calibrate
+from qat_lightning.calibration import calibrate, reestimate_batch_norm
 from qat_lightning.callbacks import BitWidthMetrics, QuantizationCallback, WeightHistograms, WeightNormalization
 from qat_lightning.convert import (
     ConversionResult,
@@ -109,6 +109,7 @@ __all__ = [
     "fold_weight_norm_state_dict",
     "max_abs_error",
     "quantized_snapshot",
+    "reestimate_batch_norm",
     "remove_weight_norm",
     "restore_float",
     "sqnr_db",

@@ -41,6 +41,54 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, 
     return seen
 
 
+@torch.no_grad()
+def reestimate_batch_norm(
+    model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, int], Any], num_batches: int
+) -> int:
+    """Recompute the running statistics of every BatchNorm of ``model`` on ``num_batches`` batches.
+
+    Quantizing weights and inputs shifts the mean and variance of what each BatchNorm normalizes, so after
+    :func:`calibrate` the statistics of the float model no longer fit (BN re-estimation, as in AdaBN and AIMET's
+    ``reestimate_bn_stats``). Each BatchNorm with running statistics is reset and averages the per-batch mean
+    and unbiased variance of its input over the batches (``momentum=None``); everything else stays in eval mode,
+    the quantizers keep their scales (observers are not enabled here), no parameter changes. Modes and momenta
+    are restored afterwards; ``num_batches_tracked`` counts the batches seen.
+
+    If ``forward`` raises, or no batch arrives, the statistics are put back as they were and, after a failure,
+    the error propagates.
+
+    Returns:
+        The number of batches the statistics were averaged over (0: nothing changed).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = {bn: (bn.momentum, copy.deepcopy(bn.state_dict())) for bn in norms}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    seen = 0
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
+                forward(batch, batch_idx)
+                seen += 1
+    except BaseException:
+        seen = 0  # put the statistics back below, then let the error through
+        raise
+    finally:
+        for bn, (momentum, state) in saved.items():
+            bn.momentum = momentum
+            if seen == 0:
+                bn.load_state_dict(state)
+        for module, training in modes.items():
+            module.training = training
+    return seen
+
+
 def _searched(model: nn.Module) -> list[FakeQuantizer]:
     """The quantizers whose calibration searches the error-minimising range: every input quantizer and every
     learned-scale (LSQ) one. Observed weight quantizers keep their own observer (the current weights' range)."""
@@ -63,10 +111,11 @@ def calibrate_for_training(
     Runs :func:`calibrate` with every input quantizer and every learned-scale (LSQ) quantizer on an MSE-searched
     range (``MSEObserver``: the clipping ratio of the observed range that minimises the squared quantization
     error, per channel for per-channel weights), observed weight quantizers on their own observer; so a model
-    calibrated here computes what ``QuantizationCallback(mode="ptq")`` gives the same model on the same batches
-    (bit for bit where the plans agree). Then each quantizer keeps its own observer and config again, seeded
-    with the calibrated range (``FakeQuantizer.start_from``): LSQ scales are learned from the searched ones,
-    observers that keep updating move on from the searched range. Observers end enabled as they were.
+    calibrated here has the scales ``QuantizationCallback(mode="ptq")`` gives the same model on the same batches
+    (bit for bit where the plans agree; PTQ then re-estimates the BatchNorm statistics, which QAT trains).
+    Then each quantizer keeps its own observer and config again, seeded with the calibrated range
+    (``FakeQuantizer.start_from``): LSQ scales are learned from the searched ones, observers that keep updating
+    move on from the searched range. Observers end enabled as they were.
 
     If ``forward`` raises, every quantizer is put back as it was (uncalibrated) and the error propagates.
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN
-from qat_lightning.nn import fake_quantized_layers
+from qat_lightning.calibration import calibrate, reestimate_batch_norm
+from qat_lightning.nn import apply_plan, fake_quantized_layers, plan_quantization, quantizers
 from qat_lightning.quant import MSEObserver, QuantizerConfig, choose_qparams, fake_quantize
 
 
@@ -129,3 +130,115 @@ def test_mse_observer_samples_every_position_of_an_activation():
     chosen = numpy_fake_quant_mse(values, (0 - int(zp)) * scale.item(), (15 - int(zp)) * scale.item(), 4)
     candidates = [numpy_fake_quant_mse(values, 0.0, r * x.max().item(), 4) for r in observer.ratios]
     assert chosen <= min(candidates) * 1.05
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3),
+        torch.nn.BatchNorm2d(4),
+    )
+
+
+def _quantized_bn_net(batches) -> torch.nn.Module:
+    net = _bn_net()
+    apply_plan(net, plan_quantization(net, 2, first_last_bits=None, learned_scale=False))
+    calibrate(net, batches, lambda batch, i: net(batch), num_batches=len(batches))
+    return net
+
+
+def _batches() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(5, 3, 7, 7) * 2 + 1, torch.randn(3, 3, 7, 7), torch.randn(4, 3, 7, 7) - 0.5]
+
+
+def test_reestimate_batch_norm_averages_the_quantized_models_batch_statistics():
+    batches = _batches()
+    net = _quantized_bn_net(batches)
+    net.eval()
+    conv1, bn1, _, conv2, bn2 = net
+    float_stats = bn2.running_mean.clone()
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    scales = [q.scale.clone() for q in quantizers(net)]
+
+    assert reestimate_batch_norm(net, batches, lambda batch, i: net(batch), num_batches=10) == 3
+
+    # independently: each BatchNorm's input in the quantized model, normalised by its batch statistics in train
+    # mode; running statistics = mean over the batches of each batch's mean and unbiased variance
+    expected = {1: ([], []), 2: ([], [])}
+    with torch.no_grad():
+        for x in batches:
+            h = conv1(x)
+            for i, bn in ((1, bn1), (2, bn2)):
+                mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+                n = h.numel() / h.shape[1]
+                expected[i][0].append(mean)
+                expected[i][1].append(var * n / (n - 1))
+                h = (h - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+                h = h * bn.weight[:, None, None] + bn.bias[:, None, None]
+                if i == 1:
+                    h = conv2(torch.relu(h))
+    for i, bn in ((1, bn1), (2, bn2)):
+        torch.testing.assert_close(bn.running_mean, torch.stack(expected[i][0]).mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, torch.stack(expected[i][1]).mean(0), rtol=1e-5, atol=1e-6)
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3 and not bn.training
+    assert not torch.equal(bn2.running_mean, float_stats)
+    assert not net.training
+    for k, v in net.named_parameters():
+        torch.testing.assert_close(v, params[k], rtol=0, atol=0)
+    for q, scale in zip(quantizers(net), scales, strict=True):
+        torch.testing.assert_close(q.scale, scale, rtol=0, atol=0)
+
+
+def test_reestimate_batch_norm_keeps_the_statistics_when_it_fails_or_sees_nothing():
+    batches = _batches()
+    net = _quantized_bn_net(batches)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "tracked" in k}
+
+    def failing(batch, i):
+        if i == 1:
+            raise RuntimeError("bad batch")
+        return net(batch)
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        reestimate_batch_norm(net, batches, failing, num_batches=3)
+    assert reestimate_batch_norm(net, [], lambda batch, i: net(batch), num_batches=3) == 0
+    for k, v in net.state_dict().items():
+        if k in before:
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert all(bn.momentum == 0.1 for bn in (net[1], net[4])) and net.training and net[1].training
+    assert reestimate_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 2)), [torch.ones(1, 2)], None, 1) == 0
+
+
+@pytest.mark.parametrize("reestimate_bn", [True, False])
+def test_ptq_mode_reestimates_batch_norm_and_the_written_file_predicts_the_same(
+    reestimate_bn, trainer_kwargs, tmp_path, caplog
+):
+    pl.seed_everything(0)
+    model = ImageClassifier(SmallCNN(channels=(8, 16)))
+    callback = QuantizationCallback(
+        bits=4, mode="ptq", calibration_batches=2, reestimate_bn=reestimate_bn, convert_dir=tmp_path / "out"
+    )
+    stats = {}
+
+    class FloatStatistics(pl.Callback):  # runs before the QuantizationCallback's on_train_end
+        def on_train_end(self, trainer, pl_module):
+            stats.update({k: v.clone() for k, v in pl_module.state_dict().items() if "running_mean" in k})
+
+    trainer = pl.Trainer(max_epochs=1, callbacks=[FloatStatistics(), callback], **trainer_kwargs)
+    dm = DigitsDataModule()
+    with caplog.at_level("INFO"):
+        trainer.fit(model, dm)
+    changed = [not torch.equal(v, model.state_dict()[k]) for k, v in stats.items()]
+    assert len(changed) == 2 and all(changed) == reestimate_bn and any(changed) == reestimate_bn
+    assert ("re-estimated the BatchNorm statistics on 2 training batches" in caplog.text) == reestimate_bn
+    # the validated (fake-quantized) model and the int8 program it was written to predict the same classes
+    x = dm.splits["val"].tensors[0][:64]
+    program = torch.export.load(next((tmp_path / "out").rglob("*.pt2"))).module()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(program(x).argmax(1), model(x).argmax(1))

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from qat_lightning.calibration import calibrate
+from qat_lightning.calibration import calibrate, reestimate_batch_norm
 from qat_lightning.metrics import ClassAgreement
 from qat_lightning.nn import QuantizationRecipe
 
@@ -21,16 +21,20 @@ class PostTrainingQuantization:
     ``QuantizationCallback(mode="ptq")`` trains in FP32 for the whole fit, fake-quantizes the model with
     :attr:`recipe` when training ends and calls :meth:`calibrate`: every quantizer observes
     ``calibration_batches`` training batches (no gradient, BatchNorm in eval mode) through the module's
-    ``predict_step(batch, batch_idx)`` and is frozen; the model is then scored on the validation data.
+    ``predict_step(batch, batch_idx)`` and is frozen; then (``reestimate_bn``) every BatchNorm recomputes its
+    running statistics on as many training batches of the quantized model
+    (:func:`~qat_lightning.calibration.reestimate_batch_norm`); the model is then scored on the validation data.
 
     Args:
         recipe: the quantization recipe. Calibration learns nothing, so its scales are observed ranges
             (``learned_scale`` ``None`` or ``False``; ``True`` is an error) and ``activation_observer=None``
             means MSE-searched clipping of the inputs.
-        calibration_batches: training batches observed.
+        calibration_batches: training batches observed (and BatchNorm statistics averaged over).
+        reestimate_bn: recompute the BatchNorm statistics after calibration (the float model's statistics do not
+            fit the shifted activations of the quantized one).
     """
 
-    def __init__(self, recipe: QuantizationRecipe, calibration_batches: int) -> None:
+    def __init__(self, recipe: QuantizationRecipe, calibration_batches: int, reestimate_bn: bool = True) -> None:
         if recipe.learned_scale:
             raise ValueError(
                 "`learned_scale`=True needs training, but mode='ptq' only calibrates observed ranges after it; "
@@ -40,9 +44,11 @@ class PostTrainingQuantization:
             recipe, learned_scale=False, activation_observer=recipe.activation_observer or "mse"
         )
         self.calibration_batches = calibration_batches
+        self.reestimate_bn = reestimate_bn
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        """Observe the training batches with every quantizer of the fake-quantized ``pl_module``, then freeze them.
+        """Observe the training batches with every quantizer of the fake-quantized ``pl_module``, then freeze them
+        (and re-estimate the BatchNorm statistics, with ``reestimate_bn``).
 
         Returns:
             The top-1 accuracy of ``predict_step`` on the validation batches, or ``None`` without validation data
@@ -52,6 +58,12 @@ class PostTrainingQuantization:
         predict = predict_step_forward(trainer, pl_module)
         seen = calibrate(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
         rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
+        if self.reestimate_bn:
+            seen = reestimate_batch_norm(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
+            if seen:
+                rank_zero_info(
+                    f"QuantizationCallback: re-estimated the BatchNorm statistics on {seen} training batches."
+                )
         if trainer.val_dataloaders is None:
             return None
         was_training = pl_module.training

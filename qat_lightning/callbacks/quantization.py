@@ -211,11 +211,14 @@ class QuantizationCallback(Callback):
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
             end calibrate observers on ``calibration_batches`` training batches (no gradient, BatchNorm in
-            eval mode) and freeze them: the baseline QAT is compared against. Calibration runs the module's
+            eval mode), freeze them and re-estimate the BatchNorm statistics (``reestimate_bn``): the baseline QAT
+            is compared against. Calibration runs the module's
             ``predict_step(batch, batch_idx)``; scales are observed (``learned_scale=True`` is an error) and
             ``activation_observer=None`` means MSE-searched clipping.
         calibration_batches: training batches calibrated on as fake quantization starts (QAT: the PTQ start
             above; ``0``: none, the quantizers start from the first training batch), or observed in PTQ mode.
+        reestimate_bn: PTQ mode: after calibration, recompute every BatchNorm's running statistics on
+            ``calibration_batches`` training batches of the quantized model (QAT trains them itself).
         progressive: bit widths the layers at ``bits`` train at before it, strictly decreasing, each above
             ``bits`` (e.g. ``(4, 3)`` for ``bits=2``); ``()``: none. Epoch schedules only.
         progressive_epochs: epochs of each ``progressive`` stage: one integer for all, or one per stage.
@@ -263,6 +266,7 @@ class QuantizationCallback(Callback):
         reduce_range: bool = QuantizationRecipe.reduce_range,
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
+        reestimate_bn: bool = True,
         progressive: Sequence[int] = (),
         progressive_epochs: int | Sequence[int] = 1,
         monitor: str = "val/acc",
@@ -290,7 +294,7 @@ class QuantizationCallback(Callback):
             reduce_range=reduce_range,
         )
         self.mode = mode
-        self._ptq = PostTrainingQuantization(recipe, calibration_batches) if mode == "ptq" else None
+        self._ptq = PostTrainingQuantization(recipe, calibration_batches, reestimate_bn) if mode == "ptq" else None
         self.recipe = self._ptq.recipe if self._ptq is not None else recipe
         for name, value in {
             "warmup_epochs": warmup_epochs,
