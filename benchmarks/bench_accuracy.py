@@ -12,7 +12,8 @@ Methods (every one after ``fp32`` starts from the same float model):
 - ``fp32``: the float model, trained for the benchmark's float epochs.
 - ``ptq_naive_<b>``: the ResNet-20 write-up's method: per-tensor min/max ranges for weights and inputs of every
   layer at b bits, calibrated on 10 batches.
-- ``ptq_<b>``: our PTQ defaults: per-channel weights, MSE-searched input ranges, first/last layer at 8 bits;
+- ``ptq_<b>``: our PTQ defaults (``QuantizationCallback(mode="ptq")``): per-channel weights, MSE-searched input
+  ranges, first/last layer at 8 bits, BatchNorm statistics re-estimated on the quantized model (10 batches);
   ``ptq_all_<b>``: the same with every layer at b bits (``first_last_bits=None``).
 - ``<variant>_<b>``: ``QuantizationCallback(bits=b, warmup_epochs=0, **QAT_VARIANTS[variant])``, fine-tuning the
   float model for the benchmark's QAT epochs: ``qat`` (the defaults), ``qat_all`` (every layer at b bits), and
@@ -53,7 +54,7 @@ from qat_lightning import (
     QuantizationCallback,
     SmallCNN,
 )
-from qat_lightning.calibration import calibrate
+from qat_lightning.calibration import calibrate, reestimate_batch_norm
 from qat_lightning.data import VisionDataModule
 from qat_lightning.models import resnet20
 from qat_lightning.nn import apply_plan, plan_quantization
@@ -171,7 +172,13 @@ def ptq(
             model, bits, first_last_bits=first_last_bits, activation_observer="mse", learned_scale=False
         )
     apply_plan(model, plan)
-    calibrate(model, dm.train_dataloader(), lambda batch, i: model(batch[0]), num_batches=10)
+
+    def forward(batch: Any, batch_idx: int) -> torch.Tensor:
+        return model(batch[0])
+
+    calibrate(model, dm.train_dataloader(), forward, num_batches=10)
+    if not naive:
+        reestimate_batch_norm(model, dm.train_dataloader(), forward, num_batches=10)
     return test_accuracy(model, dm)
 
 
