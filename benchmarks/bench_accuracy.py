@@ -13,7 +13,8 @@ Methods (every one after ``fp32`` starts from the same float model):
 - ``ptq_naive_<b>``: the ResNet-20 write-up's method: per-tensor min/max ranges for weights and inputs of every
   layer at b bits, calibrated on 10 batches.
 - ``ptq_<b>``: our PTQ defaults (``QuantizationCallback(mode="ptq")``): per-channel weights, MSE-searched input
-  ranges, first/last layer at 8 bits, BatchNorm statistics re-estimated on the quantized model (10 batches);
+  ranges, first/last layer at 8 bits, BatchNorm statistics re-estimated on the quantized model (100 batches, or
+  one epoch);
   ``ptq_all_<b>``: the same with every layer at b bits (``first_last_bits=None``).
 - ``<variant>_<b>``: ``QuantizationCallback(bits=b, warmup_epochs=0, **QAT_VARIANTS[variant])``, fine-tuning the
   float model for the benchmark's QAT epochs: ``qat`` (the defaults), ``qat_all`` (every layer at b bits), and
@@ -178,7 +179,7 @@ def ptq(
 
     calibrate(model, dm.train_dataloader(), forward, num_batches=10)
     if not naive:
-        reestimate_batch_norm(model, dm.train_dataloader(), forward, num_batches=10)
+        reestimate_batch_norm(model, dm.train_dataloader(), forward, num_batches=100)
     return test_accuracy(model, dm)
 
 

@@ -49,10 +49,10 @@ def reestimate_batch_norm(
 
     Quantizing weights and inputs shifts the mean and variance of what each BatchNorm normalizes, so after
     :func:`calibrate` the statistics of the float model no longer fit (BN re-estimation, as in AdaBN and AIMET's
-    ``reestimate_bn_stats``). Each BatchNorm with running statistics is reset and averages the per-batch mean
-    and unbiased variance of its input over the batches (``momentum=None``); everything else stays in eval mode,
-    the quantizers keep their scales (observers are not enabled here), no parameter changes. Modes and momenta
-    are restored afterwards; ``num_batches_tracked`` counts the batches seen.
+    ``reestimate_bn_stats``, 100 batches there by default). Each BatchNorm with running statistics is reset and
+    averages the per-batch mean and unbiased variance of its input over the batches (``momentum=None``);
+    everything else stays in eval mode, the quantizers keep their scales (observers are not enabled here), no
+    parameter changes. Modes and momenta are restored afterwards; ``num_batches_tracked`` counts the batches seen.
 
     If ``forward`` raises, or no batch arrives, the statistics are put back as they were and, after a failure,
     the error propagates.

@@ -214,14 +214,14 @@ def test_reestimate_batch_norm_keeps_the_statistics_when_it_fails_or_sees_nothin
     assert reestimate_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 2)), [torch.ones(1, 2)], None, 1) == 0
 
 
-@pytest.mark.parametrize("reestimate_bn", [True, False])
+@pytest.mark.parametrize("bn_batches", [2, 0])
 def test_ptq_mode_reestimates_batch_norm_and_the_written_file_predicts_the_same(
-    reestimate_bn, trainer_kwargs, tmp_path, caplog
+    bn_batches, trainer_kwargs, tmp_path, caplog
 ):
     pl.seed_everything(0)
     model = ImageClassifier(SmallCNN(channels=(8, 16)))
     callback = QuantizationCallback(
-        bits=4, mode="ptq", calibration_batches=2, reestimate_bn=reestimate_bn, convert_dir=tmp_path / "out"
+        bits=4, mode="ptq", calibration_batches=1, bn_reestimation_batches=bn_batches, convert_dir=tmp_path / "out"
     )
     stats = {}
 
@@ -234,11 +234,17 @@ def test_ptq_mode_reestimates_batch_norm_and_the_written_file_predicts_the_same(
     with caplog.at_level("INFO"):
         trainer.fit(model, dm)
     changed = [not torch.equal(v, model.state_dict()[k]) for k, v in stats.items()]
-    assert len(changed) == 2 and all(changed) == reestimate_bn and any(changed) == reestimate_bn
-    assert ("re-estimated the BatchNorm statistics on 2 training batches" in caplog.text) == reestimate_bn
+    assert len(changed) == 2 and all(changed) == bool(bn_batches) and any(changed) == bool(bn_batches)
+    assert ("re-estimated the BatchNorm statistics on 2 training batches" in caplog.text) == bool(bn_batches)
+    assert all(int(v) == (bn_batches or 3) for k, v in model.state_dict().items() if "num_batches_tracked" in k)
     # the validated (fake-quantized) model and the int8 program it was written to predict the same classes
     x = dm.splits["val"].tensors[0][:64]
     program = torch.export.load(next((tmp_path / "out").rglob("*.pt2"))).module()
     model.eval()
     with torch.no_grad():
         assert torch.equal(program(x).argmax(1), model(x).argmax(1))
+
+
+def test_bn_reestimation_batches_must_be_a_count():
+    with pytest.raises(ValueError, match=r"`bn_reestimation_batches` must be a non-negative integer, got -1"):
+        QuantizationCallback(mode="ptq", bn_reestimation_batches=-1)

@@ -21,20 +21,23 @@ class PostTrainingQuantization:
     ``QuantizationCallback(mode="ptq")`` trains in FP32 for the whole fit, fake-quantizes the model with
     :attr:`recipe` when training ends and calls :meth:`calibrate`: every quantizer observes
     ``calibration_batches`` training batches (no gradient, BatchNorm in eval mode) through the module's
-    ``predict_step(batch, batch_idx)`` and is frozen; then (``reestimate_bn``) every BatchNorm recomputes its
-    running statistics on as many training batches of the quantized model
+    ``predict_step(batch, batch_idx)`` and is frozen; then every BatchNorm recomputes its running statistics on
+    ``bn_reestimation_batches`` training batches of the quantized model
     (:func:`~qat_lightning.calibration.reestimate_batch_norm`); the model is then scored on the validation data.
 
     Args:
         recipe: the quantization recipe. Calibration learns nothing, so its scales are observed ranges
             (``learned_scale`` ``None`` or ``False``; ``True`` is an error) and ``activation_observer=None``
             means MSE-searched clipping of the inputs.
-        calibration_batches: training batches observed (and BatchNorm statistics averaged over).
-        reestimate_bn: recompute the BatchNorm statistics after calibration (the float model's statistics do not
-            fit the shifted activations of the quantized one).
+        calibration_batches: training batches observed.
+        bn_reestimation_batches: training batches the BatchNorm statistics are recomputed on after calibration
+            (the float model's statistics do not fit the shifted activations of the quantized one); ``0``: keep
+            them.
     """
 
-    def __init__(self, recipe: QuantizationRecipe, calibration_batches: int, reestimate_bn: bool = True) -> None:
+    def __init__(
+        self, recipe: QuantizationRecipe, calibration_batches: int, bn_reestimation_batches: int = 100
+    ) -> None:
         if recipe.learned_scale:
             raise ValueError(
                 "`learned_scale`=True needs training, but mode='ptq' only calibrates observed ranges after it; "
@@ -44,11 +47,11 @@ class PostTrainingQuantization:
             recipe, learned_scale=False, activation_observer=recipe.activation_observer or "mse"
         )
         self.calibration_batches = calibration_batches
-        self.reestimate_bn = reestimate_bn
+        self.bn_reestimation_batches = bn_reestimation_batches
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         """Observe the training batches with every quantizer of the fake-quantized ``pl_module``, then freeze them
-        (and re-estimate the BatchNorm statistics, with ``reestimate_bn``).
+        and re-estimate the BatchNorm statistics.
 
         Returns:
             The top-1 accuracy of ``predict_step`` on the validation batches, or ``None`` without validation data
@@ -58,8 +61,8 @@ class PostTrainingQuantization:
         predict = predict_step_forward(trainer, pl_module)
         seen = calibrate(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
         rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
-        if self.reestimate_bn:
-            seen = reestimate_batch_norm(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
+        if self.bn_reestimation_batches:
+            seen = reestimate_batch_norm(pl_module, trainer.train_dataloader, predict, self.bn_reestimation_batches)
             if seen:
                 rank_zero_info(
                     f"QuantizationCallback: re-estimated the BatchNorm statistics on {seen} training batches."

@@ -211,14 +211,15 @@ class QuantizationCallback(Callback):
             ``warmup_steps``, when given, replaces ``warmup_epochs``.
         mode: ``"qat"`` (quantization-aware training) or ``"ptq"``: train in FP32 for the whole fit, then at the
             end calibrate observers on ``calibration_batches`` training batches (no gradient, BatchNorm in
-            eval mode), freeze them and re-estimate the BatchNorm statistics (``reestimate_bn``): the baseline QAT
-            is compared against. Calibration runs the module's
+            eval mode), freeze them and re-estimate the BatchNorm statistics (``bn_reestimation_batches``): the
+            baseline QAT is compared against. Calibration runs the module's
             ``predict_step(batch, batch_idx)``; scales are observed (``learned_scale=True`` is an error) and
             ``activation_observer=None`` means MSE-searched clipping.
         calibration_batches: training batches calibrated on as fake quantization starts (QAT: the PTQ start
             above; ``0``: none, the quantizers start from the first training batch), or observed in PTQ mode.
-        reestimate_bn: PTQ mode: after calibration, recompute every BatchNorm's running statistics on
-            ``calibration_batches`` training batches of the quantized model (QAT trains them itself).
+        bn_reestimation_batches: PTQ mode: after calibration, recompute every BatchNorm's running statistics on
+            this many training batches of the quantized model (or one epoch, if shorter; ``0``: keep the float
+            statistics). QAT trains them itself.
         progressive: bit widths the layers at ``bits`` train at before it, strictly decreasing, each above
             ``bits`` (e.g. ``(4, 3)`` for ``bits=2``); ``()``: none. Epoch schedules only.
         progressive_epochs: epochs of each ``progressive`` stage: one integer for all, or one per stage.
@@ -266,7 +267,7 @@ class QuantizationCallback(Callback):
         reduce_range: bool = QuantizationRecipe.reduce_range,
         mode: Literal["qat", "ptq"] = "qat",
         calibration_batches: int = 10,
-        reestimate_bn: bool = True,
+        bn_reestimation_batches: int = 100,
         progressive: Sequence[int] = (),
         progressive_epochs: int | Sequence[int] = 1,
         monitor: str = "val/acc",
@@ -280,6 +281,7 @@ class QuantizationCallback(Callback):
         if mode not in ("qat", "ptq"):
             raise ValueError(f"`mode` must be 'qat' or 'ptq', got {mode!r}.")
         _check_count(calibration_batches, "calibration_batches", optional=False)
+        _check_count(bn_reestimation_batches, "bn_reestimation_batches", optional=False)
         _check_count(agreement_batches, "agreement_batches", optional=False)
         recipe = recipe_from_arguments(
             recipe,
@@ -294,7 +296,9 @@ class QuantizationCallback(Callback):
             reduce_range=reduce_range,
         )
         self.mode = mode
-        self._ptq = PostTrainingQuantization(recipe, calibration_batches, reestimate_bn) if mode == "ptq" else None
+        self._ptq = (
+            PostTrainingQuantization(recipe, calibration_batches, bn_reestimation_batches) if mode == "ptq" else None
+        )
         self.recipe = self._ptq.recipe if self._ptq is not None else recipe
         for name, value in {
             "warmup_epochs": warmup_epochs,
