@@ -30,12 +30,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[Any, 
     set_observers_enabled(model, True)
     for quantizer in quantizers(model):
         quantizer.train()
-    seen = 0
-    # Observers read their ranges on the host (calibration only): a compiled model runs eagerly here.
-    with torch.compiler.set_stance("force_eager"):
-        for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
-            forward(batch, batch_idx)
-            seen += 1
+    seen = _run_batches(batches, forward, num_batches)
     set_observers_enabled(model, False)
     model.train(was_training)
     return seen
@@ -70,15 +65,9 @@ def reestimate_batch_norm(
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    seen = 0
+    seen = 0  # stays 0 if ``forward`` raises: the statistics are put back below and the error goes through
     try:
-        with torch.compiler.set_stance("force_eager"):
-            for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
-                forward(batch, batch_idx)
-                seen += 1
-    except BaseException:
-        seen = 0  # put the statistics back below, then let the error through
-        raise
+        seen = _run_batches(batches, forward, num_batches)
     finally:
         for bn, (momentum, state) in saved.items():
             bn.momentum = momentum
@@ -86,6 +75,17 @@ def reestimate_batch_norm(
                 bn.load_state_dict(state)
         for module, training in modes.items():
             module.training = training
+    return seen
+
+
+def _run_batches(batches: Iterable[Any], forward: Callable[[Any, int], Any], num_batches: int) -> int:
+    """``forward(batch, batch_idx)`` on up to ``num_batches`` of ``batches``; returns how many ran. Observers read
+    their ranges on the host (calibration only), so a compiled model runs eagerly here."""
+    seen = 0
+    with torch.compiler.set_stance("force_eager"):
+        for batch_idx, batch in enumerate(itertools.islice(batches, num_batches)):
+            forward(batch, batch_idx)
+            seen += 1
     return seen
 
 
