@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qat_lightning.nn import FakeQuantizedModule, quantizers, set_observers_enabled
+from qat_lightning.nn.normalization import BATCH_NORM_TYPES
 from qat_lightning.quant import FakeQuantizer, build_observer
 
 
@@ -55,7 +56,7 @@ def reestimate_batch_norm(
     Returns:
         The number of batches the statistics were averaged over (0: nothing changed).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORM_TYPES) and m.track_running_stats]
     if not norms:
         return 0
     saved = {bn: (bn.momentum, copy.deepcopy(bn.state_dict())) for bn in norms}

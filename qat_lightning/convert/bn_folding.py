@@ -32,8 +32,9 @@ _BATCHNORM_OPS = {
 }
 
 
-def batchnorm_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
-    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm, float32, shape ``(C,)``, detached."""
+def batchnorm_factor(bn: nn.Module) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (any of ``nn.normalization.BATCH_NORM_TYPES``),
+    float32, shape ``(C,)``, detached."""
     if bn.running_var is None:
         raise ValueError(f"Cannot fold {type(bn).__name__} without running statistics (`track_running_stats=False`).")
     inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)

@@ -20,12 +20,11 @@ from qat_lightning.nn.fake_quantized import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import share_input_quantizers, unshare_input_quantizers
+from qat_lightning.nn.normalization import BATCH_NORM_TYPES, NORMALIZATION_TYPES
 from qat_lightning.nn.output_rounding import output_roundings_in_state_dict, remove_output_roundings, round_outputs
 from qat_lightning.nn.recipe import QuantizationRecipe, recipe_from_arguments
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 from qat_lightning.quant.config import ObserverName
-
-_NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     Normalization layers do not count: BatchNorm is folded into the layer before it at conversion, LayerNorm and
     GroupNorm scale each element.
     """
-    if isinstance(module, (FakeQuantizedModule, _NORMALIZATION_TYPES)) or is_quantizable(module):
+    if isinstance(module, (FakeQuantizedModule, NORMALIZATION_TYPES)) or is_quantizable(module):
         return None
     if not _has_weights(module):
         return None
@@ -362,7 +361,7 @@ def set_observers_enabled(model: nn.Module, enabled: bool) -> None:
 
 def freeze_batchnorm_stats(model: nn.Module) -> int:
     """Put every BatchNorm layer in eval mode (use and keep its running statistics); return how many."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORM_TYPES)]
     for bn in bns:
         bn.eval()
     return len(bns)
