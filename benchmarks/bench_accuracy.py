@@ -55,7 +55,7 @@ from qat_lightning import (
     QuantizationCallback,
     SmallCNN,
 )
-from qat_lightning.calibration import calibrate, reestimate_batch_norm
+from qat_lightning.calibration import calibrate_post_training
 from qat_lightning.data import VisionDataModule
 from qat_lightning.models import resnet20
 from qat_lightning.nn import apply_plan, plan_quantization
@@ -177,9 +177,7 @@ def ptq(
     def forward(batch: Any, batch_idx: int) -> torch.Tensor:
         return model(batch[0])
 
-    calibrate(model, dm.train_dataloader(), forward, num_batches=10)
-    if not naive:
-        reestimate_batch_norm(model, dm.train_dataloader(), forward, num_batches=100)
+    calibrate_post_training(model, dm.train_dataloader(), forward, 10, 0 if naive else 100)
     return test_accuracy(model, dm)
 
 

@@ -79,6 +79,26 @@ def reestimate_batch_norm(
     return seen
 
 
+def calibrate_post_training(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[Any, int], Any],
+    calibration_batches: int,
+    bn_reestimation_batches: int,
+) -> tuple[int, int]:
+    """Our PTQ of a fake-quantized ``model``: :func:`calibrate` on ``calibration_batches`` batches, then
+    :func:`reestimate_batch_norm` on ``bn_reestimation_batches`` (``0``: keep the float statistics).
+
+    ``batches`` is iterated once for each step (a ``DataLoader``, not a one-shot iterator).
+
+    Returns:
+        The number of batches observed and the number the BatchNorm statistics were averaged over.
+    """
+    observed = calibrate(model, batches, forward, calibration_batches)
+    averaged = reestimate_batch_norm(model, batches, forward, bn_reestimation_batches) if bn_reestimation_batches else 0
+    return observed, averaged
+
+
 def _run_batches(batches: Iterable[Any], forward: Callable[[Any, int], Any], num_batches: int) -> int:
     """``forward(batch, batch_idx)`` on up to ``num_batches`` of ``batches``; returns how many ran. Observers read
     their ranges on the host (calibration only), so a compiled model runs eagerly here."""

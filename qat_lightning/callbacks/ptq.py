@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from qat_lightning.calibration import calibrate, reestimate_batch_norm
+from qat_lightning.calibration import calibrate_post_training
 from qat_lightning.metrics import ClassAgreement
 from qat_lightning.nn import QuantizationRecipe
 
@@ -59,14 +59,14 @@ class PostTrainingQuantization:
         """
 
         predict = predict_step_forward(trainer, pl_module)
-        seen = calibrate(pl_module, trainer.train_dataloader, predict, self.calibration_batches)
-        rank_zero_info(f"QuantizationCallback: calibrated observers on {seen} training batches and froze them.")
-        if self.bn_reestimation_batches:
-            seen = reestimate_batch_norm(pl_module, trainer.train_dataloader, predict, self.bn_reestimation_batches)
-            if seen:
-                rank_zero_info(
-                    f"QuantizationCallback: re-estimated the BatchNorm statistics on {seen} training batches."
-                )
+        observed, averaged = calibrate_post_training(
+            pl_module, trainer.train_dataloader, predict, self.calibration_batches, self.bn_reestimation_batches
+        )
+        rank_zero_info(f"QuantizationCallback: calibrated observers on {observed} training batches and froze them.")
+        if averaged:
+            rank_zero_info(
+                f"QuantizationCallback: re-estimated the BatchNorm statistics on {averaged} training batches."
+            )
         if trainer.val_dataloaders is None:
             return None
         was_training = pl_module.training
