@@ -76,3 +76,62 @@ def test_two_processes_keep_identical_quantizer_state_and_rank_zero_alone_writes
     assert sorted(r["file"] for r in recorded) == expected and {r["rank"] for r in recorded} == {0}
     program = torch.export.load(tmp_path / "int8" / "model_int8.pt2").module()
     assert program(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_ptq_in_two_processes_ends_with_rank_zeros_scales_and_batch_norm_statistics_everywhere(tmp_path):
+    # Each process calibrates (MSE-searched ranges) and re-estimates BatchNorm on its own shard of the batches;
+    # afterwards every process must hold rank zero's model, the one rank zero converts and writes.
+    pl.seed_everything(0)
+    model = ImageClassifier(SmallCNN())
+    callback = QuantizationCallback(
+        bits=4, mode="ptq", calibration_batches=2, bn_reestimation_batches=2, convert_dir=tmp_path / "int8"
+    )
+    trainer = pl.Trainer(
+        strategy="ddp_fork",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        callbacks=[callback, SaveRankState(tmp_path), SaveRankPredictions(tmp_path)],  # after the PTQ
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert sum("input_quantizer.scale" in k for k in rank0) == 3 and sum("running_mean" in k for k in rank0) == 2
+    assert all(int(v) == 2 for k, v in rank0.items() if "num_batches_tracked" in k)  # re-estimated on 2 batches
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # the written program predicts what every process's fake-quantized model predicted at train end
+    program = torch.export.load(tmp_path / "int8" / "model_int8.pt2").module()
+    with torch.no_grad():
+        written = program(_validation_images()).argmax(1)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}_predictions.pt"), written)
+
+
+def _validation_images() -> torch.Tensor:
+    dm = DigitsDataModule()
+    dm.setup()
+    return dm.splits["val"].tensors[0][:64]
+
+
+class SaveRankPredictions(pl.Callback):
+    """At train end (after the callbacks before it), each process saves its model's classes for 64 images."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            classes = pl_module(_validation_images()).argmax(1)
+        pl_module.train(was_training)
+        torch.save(classes, self.directory / f"rank{trainer.global_rank}_predictions.pt")

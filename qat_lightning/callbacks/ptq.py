@@ -24,6 +24,8 @@ class PostTrainingQuantization:
     ``predict_step(batch, batch_idx)`` and is frozen; then every BatchNorm recomputes its running statistics on
     ``bn_reestimation_batches`` training batches of the quantized model
     (:func:`~qat_lightning.calibration.reestimate_batch_norm`); the model is then scored on the validation data.
+    Under a multi-process strategy (DDP) each process calibrates on its own batches, then every process takes rank
+    zero's scales and statistics (:func:`broadcast_buffers`), so all hold the model rank zero writes.
 
     Args:
         recipe: the quantization recipe. Calibration learns nothing, so its scales are observed ranges
@@ -62,6 +64,7 @@ class PostTrainingQuantization:
         observed, averaged = calibrate_post_training(
             pl_module, trainer.train_dataloader, predict, self.calibration_batches, self.bn_reestimation_batches
         )
+        broadcast_buffers(trainer, pl_module)
         rank_zero_info(f"QuantizationCallback: calibrated observers on {observed} training batches and froze them.")
         if averaged:
             rank_zero_info(
@@ -83,6 +86,23 @@ class PostTrainingQuantization:
             f"{self.recipe.bits}-bit PTQ validation accuracy {_format(quantized_score)} (predict_step vs targets; "
             "run trainer.validate/test for every metric)"
         )
+
+
+def broadcast_buffers(trainer: pl.Trainer, pl_module: torch.nn.Module) -> None:
+    """Give every process rank zero's buffers (quantizer scales, zero points and observer ranges, BatchNorm
+    statistics), in place; nothing to do in one process.
+
+    DDP keeps parameters equal across processes but calibrates each on its own batches (and does not know
+    quantizer buffers created after it wrapped the model), so the calibrated scales and re-estimated statistics
+    differ between processes until this runs.
+    """
+    if trainer.world_size == 1:
+        return
+    buffers = dict(pl_module.named_buffers())
+    received = trainer.strategy.broadcast({name: b.detach().cpu() for name, b in buffers.items()}, src=0)
+    with torch.no_grad():
+        for name, value in received.items():
+            buffers[name].copy_(value)
 
 
 def predict_step_forward(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any, int], Any]:
