@@ -46,29 +46,12 @@ def test_two_processes_keep_identical_quantizer_state_and_rank_zero_alone_writes
     # 2-bit middle layer: LSQ scales (created after DDP wrapped the model); 8-bit first/last: observed ranges
     callback = QuantizationCallback(bits=2, warmup_epochs=1, convert_dir=tmp_path / "int8")
     writes = tmp_path / "writes.jsonl"
-    trainer = pl.Trainer(
-        strategy="ddp_fork",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=3,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        callbacks=[callback, SaveRankState(tmp_path), RecordFileWrites(writes)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    rank0 = _fit_in_two_processes(
+        model, tmp_path, [callback, SaveRankState(tmp_path), RecordFileWrites(writes)], max_epochs=3, val_batches=1
     )
-    trainer.fit(model, DigitsDataModule(batch_size=32))
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys()
     quantizer_keys = [k for k in rank0 if "quantizer" in k]
     assert any(k.endswith("features.4.weight_quantizer.scale") for k in quantizer_keys)  # LSQ scale
     assert any(k.endswith("input_quantizer.observer.min_val") for k in quantizer_keys)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
 
     expected = ["conversion_report.json", "model_int8.onnx", "model_int8.pt2", "model_w2.packed.pt"]
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == expected  # no temporary file left
@@ -86,14 +69,29 @@ def test_ptq_in_two_processes_ends_with_rank_zeros_scales_and_batch_norm_statist
     callback = QuantizationCallback(
         bits=4, mode="ptq", calibration_batches=2, bn_reestimation_batches=2, convert_dir=tmp_path / "int8"
     )
+    callbacks = [callback, SaveRankState(tmp_path), SaveRankPredictions(tmp_path)]  # saved after the PTQ
+    rank0 = _fit_in_two_processes(model, tmp_path, callbacks, max_epochs=1, val_batches=2)
+    assert sum("input_quantizer.scale" in k for k in rank0) == 3 and sum("running_mean" in k for k in rank0) == 2
+    assert all(int(v) == 2 for k, v in rank0.items() if "num_batches_tracked" in k)  # re-estimated on 2 batches
+    # the written program predicts what every process's fake-quantized model predicted at train end
+    program = torch.export.load(tmp_path / "int8" / "model_int8.pt2").module()
+    with torch.no_grad():
+        written = program(_validation_images()).argmax(1)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}_predictions.pt"), written)
+
+
+def _fit_in_two_processes(model, tmp_path, callbacks, max_epochs, val_batches):
+    """Fit ``model`` on the digits in two forked CPU processes (4 training batches of 32 per epoch); returns the
+    state rank 0 saved at train end (``SaveRankState``) after checking that rank 1 saved the same tensors."""
     trainer = pl.Trainer(
         strategy="ddp_fork",
         accelerator="cpu",
         devices=2,
-        max_epochs=1,
+        max_epochs=max_epochs,
         limit_train_batches=4,
-        limit_val_batches=2,
-        callbacks=[callback, SaveRankState(tmp_path), SaveRankPredictions(tmp_path)],  # after the PTQ
+        limit_val_batches=val_batches,
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -104,16 +102,9 @@ def test_ptq_in_two_processes_ends_with_rank_zeros_scales_and_batch_norm_statist
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     assert rank0.keys() == rank1.keys()
-    assert sum("input_quantizer.scale" in k for k in rank0) == 3 and sum("running_mean" in k for k in rank0) == 2
-    assert all(int(v) == 2 for k, v in rank0.items() if "num_batches_tracked" in k)  # re-estimated on 2 batches
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    # the written program predicts what every process's fake-quantized model predicted at train end
-    program = torch.export.load(tmp_path / "int8" / "model_int8.pt2").module()
-    with torch.no_grad():
-        written = program(_validation_images()).argmax(1)
-    for rank in (0, 1):
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}_predictions.pt"), written)
+    return rank0
 
 
 def _validation_images() -> torch.Tensor:
