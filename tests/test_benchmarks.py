@@ -82,4 +82,4 @@ def test_accuracy_jobs_fine_tune_at_their_per_bit_width_lr():
     )
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["[0.001,", "0.0001,", "0.0001]", "[0.001,", "0.001,", "0.001]"]
+    assert result.stdout.split() == ["[0.003,", "0.0001,", "0.0001]", "[0.001,", "0.001,", "0.001]"]
