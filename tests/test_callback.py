@@ -364,7 +364,7 @@ def test_qat_checkpoint_resumes_fit(tmp_path, trainer_kwargs, lightning_caplog):
     more.fit(more_model, more_data, ckpt_path=qat_ckpt)
     assert probe.batches and all(b["epoch"] == 2 and b["prepared"] for b in probe.batches)
     assert len(dict(fake_quantized_layers(more_model))) == 3
-    # the structure is rebuilt from the checkpoint (by ImageClassifier.on_load_checkpoint) and never inserted again
+    # the structure is rebuilt from the checkpoint (ImageClassifier's prepare_on_load hook) and never inserted again
     assert not any("inserted fake quantization" in r.getMessage() for r in lightning_caplog.records)
 
 

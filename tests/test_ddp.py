@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 import qat_lightning.convert.api
-from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN
+from qat_lightning import DigitsDataModule, ImageClassifier, QuantizationCallback, SmallCNN, is_prepared
 
 
 class SaveRankState(pl.Callback):
@@ -83,7 +83,9 @@ def test_ptq_in_two_processes_ends_with_rank_zeros_scales_and_batch_norm_statist
 
 def _fit_in_two_processes(model, tmp_path, callbacks, max_epochs, val_batches):
     """Fit ``model`` on the digits in two forked CPU processes (4 training batches of 32 per epoch); returns the
-    state rank 0 saved at train end (``SaveRankState``) after checking that rank 1 saved the same tensors."""
+    state rank 0 saved at train end (``SaveRankState``) after checking that rank 1 saved the same tensors and that
+    ``model``, in this (the main) process, holds them too: Lightning loads rank 0's weights into it non-strictly, and
+    ``ImageClassifier`` (``prepare_on_load``) rebuilds the quantizers first, so they are not dropped."""
     trainer = pl.Trainer(
         strategy="ddp_fork",
         accelerator="cpu",
@@ -104,6 +106,11 @@ def _fit_in_two_processes(model, tmp_path, callbacks, max_epochs, val_batches):
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+    assert is_prepared(model)
+    main = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    assert main.keys() == rank0.keys()
+    for key in rank0:
+        assert torch.equal(main[key], rank0[key]), key
     return rank0
 
 

@@ -24,6 +24,7 @@ from qat_lightning.nn import (
     is_prepared,
     is_quantizable,
     plan_quantization,
+    prepare_on_load,
     quantizers,
     restore_float,
     set_observers_enabled,
@@ -269,3 +270,23 @@ def test_set_observers_enabled_and_freeze_batchnorm():
     mean = model.image[1].running_mean.clone()
     model(*_inputs())
     assert torch.equal(model.image[1].running_mean, mean)
+
+
+def test_prepare_on_load_lets_a_float_model_load_a_quantized_state_dict():
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    fresh, unhooked = copy.deepcopy(trained), copy.deepcopy(trained)
+    apply_plan(trained, plan_quantization(trained, 4))
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        trained.train()(x)  # observe ranges, initialise the learned scales
+    state = trained.state_dict()
+
+    handle = prepare_on_load(fresh)
+    fresh.load_state_dict(state)  # strict: every quantizer key finds its module
+    assert is_prepared(fresh) and fresh.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+    handle.remove()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        unhooked.load_state_dict(state)  # without the hook a float model cannot hold the quantizers

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from qat_lightning.nn import prepare_for_state_dict
+from qat_lightning.nn import prepare_on_load
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -64,6 +64,7 @@ class ImageClassifier(pl.LightningModule):
         from_config = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if from_config else ["backbone"])
         self.backbone = backbone
+        prepare_on_load(self)  # QAT state dicts (checkpoints, DDP spawn results) rebuild their quantizers to load
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
 
@@ -98,9 +99,6 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prepare_for_state_dict(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from qat_lightning.nn.fake_quantized import (
     FakeQuantizedLayer,
@@ -183,7 +184,7 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], pref
     """Rebuild the fake-quant structure a state dict was saved with (its output roundings included, see
     ``output_rounding``), so that it loads into ``model``.
 
-    Call it before ``model.load_state_dict(state_dict)`` (e.g. from ``LightningModule.on_load_checkpoint``).
+    Call it before ``model.load_state_dict(state_dict)``, or let :func:`prepare_on_load` call it on every load.
     Does nothing if ``model`` is already prepared or the state dict holds no quantizers; returns whether
     it prepared the model.
     """
@@ -201,6 +202,22 @@ def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any], pref
     for name, config in output_roundings_in_state_dict(state_dict, prefix).items():
         round_outputs(model, [name], config)
     return True
+
+
+def prepare_on_load(model: nn.Module) -> RemovableHandle:
+    """Make every ``model.load_state_dict(state_dict)`` rebuild the fake-quant structure ``state_dict`` was saved
+    with first (:func:`prepare_for_state_dict`), so it loads into the float model.
+
+    That covers ``LightningModule.load_from_checkpoint`` of a QAT checkpoint, a plain ``load_state_dict``, and the
+    weights Lightning copies back into the main process after ``ddp_spawn``/``ddp_fork``/``ddp_notebook``, which it
+    loads non-strictly (without this, that model stays float and the quantizers are dropped silently). Call it in
+    the LightningModule's ``__init__``; returns the hook's handle (``.remove()`` undoes it).
+    """
+    return model.register_load_state_dict_pre_hook(_prepare_before_loading)
+
+
+def _prepare_before_loading(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    prepare_for_state_dict(module, state_dict, prefix)
 
 
 def format_plan(plan: Sequence[LayerPlan], float_layers: Sequence[FloatLayer] = ()) -> str:
