@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat_lightning.calibration import calibrate_post_training
+from qat_lightning.calibration import calibrate
 from qat_lightning.metrics import ClassAgreement
 from qat_lightning.nn import apply_plan, plan_quantization
 from qat_lightning.quant import sqnr_db
@@ -56,14 +56,8 @@ def layer_sensitivity(
     evaluation: Sequence[Batch],
     bits: int,
     forward: Forward | None = None,
-    bn_reestimation: bool = True,
 ) -> list[LayerSensitivity]:
     """Quantize each Conv/Linear layer of a float classifier alone (PTQ at ``bits``) and measure the damage.
-
-    Each layer is quantized as our PTQ quantizes a model (``QuantizationCallback(mode="ptq")``,
-    :func:`~qat_lightning.calibration.calibrate_post_training`): its quantizers calibrate on the ``calibration``
-    batches, then every BatchNorm recomputes its running statistics on them (``bn_reestimation``; ``False``
-    keeps the float statistics, which no longer fit the quantized layer's shifted outputs).
 
     Args:
         model: a float model mapping inputs to ``(N, classes)`` logits; not modified.
@@ -71,7 +65,6 @@ def layer_sensitivity(
         evaluation: ``(input, target)`` batches to compare outputs and accuracy on.
         bits: bit width of the quantized layer (weights per channel, input per tensor with MSE range).
         forward: ``forward(model, inputs) -> logits``; defaults to ``model(inputs)``.
-        bn_reestimation: re-estimate the BatchNorm statistics after calibrating, as our PTQ does.
 
     Returns:
         One ``LayerSensitivity`` per layer, most sensitive (lowest SQNR) first.
@@ -84,12 +77,7 @@ def layer_sensitivity(
     for layer in plan_quantization(model, bits, first_last_bits=None, activation_observer="mse", learned_scale=False):
         candidate = copy.deepcopy(model)
         apply_plan(candidate, [layer])
-        batches = len(calibration)
-
-        def forward_candidate(batch: Batch, batch_idx: int, m: nn.Module = candidate) -> torch.Tensor:
-            return run(m, batch[0])
-
-        calibrate_post_training(candidate, calibration, forward_candidate, batches, batches if bn_reestimation else 0)
+        calibrate(candidate, calibration, lambda batch, i, m=candidate: run(m, batch[0]), len(calibration))
         logits = _logits(candidate, evaluation, run)
         acc = _accuracy(logits, targets)
         results.append(LayerSensitivity(layer.name, bits, float(sqnr_db(ref_logits, logits)), acc, float_acc - acc))
