@@ -59,6 +59,9 @@ def layer_sensitivity(
 ) -> list[LayerSensitivity]:
     """Quantize each Conv/Linear layer of a float classifier alone (PTQ at ``bits``) and measure the damage.
 
+    The BatchNorm statistics stay the float model's: unlike our PTQ, no re-estimation, which on a few calibration
+    batches moves every BatchNorm of the model and would drown the one layer's effect.
+
     Args:
         model: a float model mapping inputs to ``(N, classes)`` logits; not modified.
         calibration: ``(input, target)`` batches to calibrate the quantizers on.
