@@ -24,6 +24,7 @@ def _fuse_everything(monkeypatch):
     (past its recompile limit dynamo would run the passes itself)."""
     monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
     monkeypatch.setattr(fused, "_enabled", True)
+    monkeypatch.setattr(fused, "_failed", set())
     torch._dynamo.reset()
 
 
@@ -94,7 +95,7 @@ def test_fused_values_equal_torch_kernel(bits, symmetric):
     x = _data(scale, zero_point, qmin, qmax)
     fused._compiled.pop("values", None)
     ours = fused.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax)
-    assert "values" in fused._compiled and fused._enabled  # the kernel ran, not the passes
+    assert "values" in fused._compiled and not fused._failed  # the kernel ran, not the passes
     assert torch.equal(ours, torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax))
     assert torch.equal(ours, straight_through.fake_quantize_values(x, scale, zero_point.float(), qmin, qmax))
 
@@ -114,7 +115,7 @@ def test_fused_candidate_errors_equal_numpy_and_the_passes(bits, symmetric):
     torch._dynamo.utils.counters.clear()
     with torch.compiler.set_stance("force_eager"):  # as calibration runs the model: our kernel still compiles
         ours = fused.candidate_errors(sample, scale, zero_point, qmin, qmax)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and fused._enabled  # compiled, not the passes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not fused._failed  # compiled, not the passes
     assert ours.shape == (3, 7) and ours.dtype == torch.float32
     expected = np.empty((3, 7))
     for c in range(3):
@@ -139,7 +140,7 @@ def test_quantizer_falls_back_to_the_passes_once(monkeypatch, caplog):
         out = quantizer(x)
         quantizer(x)
     assert [r.getMessage() for r in caplog.records] == [
-        "qat_lightning: fused fake quantization unavailable (no C++ compiler); using vectorised passes."
+        "qat_lightning: fused fake quantization unavailable for lsq (no C++ compiler); using vectorised passes."
     ]
     expected = torch.fake_quantize_per_tensor_affine(x, quantizer.scale.detach(), quantizer.zero_point, 0, 15)
     assert torch.equal(out, expected)
@@ -158,3 +159,43 @@ def test_inside_torch_compile_the_caller_fuses(monkeypatch):
     expected = torch.fake_quantize_per_tensor_affine(x, quantizer.scale.detach(), quantizer.zero_point, 0, 15)
     assert torch.equal(out, expected)
     torch._dynamo.reset()
+
+
+def test_calibrating_a_torchvision_resnet18_keeps_the_search_kernel(monkeypatch):
+    """QAT's calibrated start on a model we did not write: its searches (per-tensor inputs, per-channel weights of
+    3 to 512 channels, 8-bit first/last and 4-bit layers, samples growing each batch) once met more kinds of call
+    than dynamo's recompile limit (8) and lost the kernel. Grids passed as tensors and fresh (non-view) inputs keep it
+    to per tensor / per channel times short / long rows."""
+    import torchvision
+
+    from qat_lightning.calibration import calibrate_for_training
+    from qat_lightning.nn import apply_plan, plan_quantization
+
+    monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 65536)  # the real threshold, as in training
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    apply_plan(model, plan_quantization(model, 4))
+    batches = [(torch.randn(8, 3, 64, 64),) for _ in range(4)]
+    torch._dynamo.utils.counters.clear()
+    assert calibrate_for_training(model, batches, lambda batch, i: model(batch[0]), 4) == 4
+    assert not fused._failed and "errors" in fused._compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+
+
+def test_a_failing_kernel_leaves_the_others_fused(monkeypatch, caplog):
+    compile_kernel = fused._kernel
+
+    def errors_fail(name):
+        if name == "errors":
+            raise RuntimeError("past the recompile limit")
+        return compile_kernel(name)
+
+    monkeypatch.setattr(fused, "_kernel", errors_fail)
+    sample, scale = torch.randn(1, 500), torch.full((1, 3), 0.1)
+    with caplog.at_level(logging.WARNING, logger="qat_lightning.quant.fused"):
+        errors = fused.candidate_errors(sample, scale, torch.zeros(1, 3), 0, 15)
+    torch.testing.assert_close(errors, error.candidate_errors(sample, scale, torch.zeros(1, 3), 0, 15))
+    assert fused._failed == {"errors"} and "unavailable for errors (past the recompile limit)" in caplog.text
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    fused.fake_quantize_lsq(x, torch.tensor(0.1), torch.tensor(0.0), 0, 15, 1.0).sum().backward()
+    assert "lsq" in fused._compiled and fused._failed == {"errors"}  # the LSQ kernel compiled and ran

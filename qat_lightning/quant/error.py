@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from qat_lightning.quant.straight_through import fake_quantize_values
-
 
 def _check_shapes(reference: torch.Tensor, approximation: torch.Tensor) -> None:
     if reference.shape != approximation.shape:
@@ -57,6 +55,25 @@ def candidate_errors(
         ``(C, R)`` float32: ``mean((fake_quantize(sample[c]) - sample[c]) ** 2)`` on grid ``(c, r)``, in the
         squared units of ``sample``.
     """
+    low, high = code_bounds(zero_point, qmin, qmax)
+    return grid_errors(sample, scale, low, high)
+
+
+def code_bounds(zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qmin - zero_point, qmax - zero_point)`` in float32: the range of ``round(x / scale)`` that lands on the
+    grid, the grid shifted by the zero point (shape of ``zero_point``)."""
+    zero_point = zero_point.float()
+    return qmin - zero_point, qmax - zero_point
+
+
+def grid_errors(sample: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``candidate_errors`` with the grids given as scales and code bounds (``code_bounds``), tensors only, so a
+    compiled kernel of it serves every bit width and zero point.
+
+    ``clamp(round(x * (1 / s)), qmin - z, qmax - z) * s`` is torch's fake-quantized value bit for bit (the codes are
+    integers, exact in float32); shapes as in ``candidate_errors``, ``low``/``high`` like ``scale``.
+    """
     values = sample[:, None, :]
-    rounded = fake_quantize_values(values, scale[..., None], zero_point[..., None].float(), qmin, qmax)
+    inv_scale = torch.reciprocal(scale)[..., None]
+    rounded = (values * inv_scale).round_().clamp_(low[..., None], high[..., None]).mul_(scale[..., None])
     return (rounded - values).pow_(2).mean(dim=2)

@@ -1,9 +1,10 @@
 """Fused fake quantization in eager mode: ``straight_through.fake_quantize_lsq`` compiled once by inductor,
 ``straight_through.fake_quantize_values`` (the values without a gradient, for recomputing a rounded input in a
 backward pass, ``qat_lightning.nn.recomputed_input``) likewise: one loop instead of four passes; and
-``error.candidate_errors`` (the clipping search of ``MSEObserver``), one loop that rounds, squares and sums
-without writing the ``(C, R, n)`` rounded candidates (measured, 1 thread, 50 candidates of a 40,960-value sample:
-1.1 ms against 10.3 ms for the passes; the errors agree within float32 summation order, about 1e-6 relative).
+``error.candidate_errors`` (the clipping search of ``MSEObserver``, compiled as ``error.grid_errors``), one loop
+that rounds, squares and sums without writing the ``(C, R, n)`` rounded candidates (measured, 1 thread, 50
+candidates of a 40,960-value sample: 1.1 ms against 10.3 ms for the passes; the errors agree within float32
+summation order, about 1e-6 relative).
 
 ``fake_quantize_lsq`` takes 4 vectorised passes forward and 7 backward. Compiled with
 ``torch.compile(dynamic=True)``, inductor turns each direction into one loop over the tensor (the forward writes
@@ -19,9 +20,9 @@ Used (``fake_quantize_lsq`` in gradient mode only) for CPU tensors of at least `
 (activations; below that, per-call overhead eats the gain), outside ``torch.compile``/``torch.export`` traces
 (where the caller's compiler fuses them anyway). One kernel (pair) is generated per function and kind of call (per
 tensor or per channel, rank, dtype, signed or unsigned grid), for any shape, the first time it is met: a few
-seconds, kept in inductor's on-disk cache. Past ``torch._dynamo.config.recompile_limit`` kinds in one process,
-dynamo runs the passes itself (with its warning). Without a working C++ compiler the first compilation fails and
-the passes are used from then on (logged once). ``set_fused(False)`` turns the kernels off.
+seconds, kept in inductor's on-disk cache. A kernel that fails (no working C++ compiler; or more kinds than
+``torch._dynamo.config.recompile_limit``, an error under ``fullgraph=True``) is replaced by the passes from then on,
+logged once; the other kernels keep theirs. ``set_fused(False)`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ MIN_FUSED_ELEMENTS = 65536
 _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "lsq": straight_through.fake_quantize_lsq,
     "values": straight_through.fake_quantize_values,
-    "errors": error.candidate_errors,
+    "errors": error.grid_errors,
 }
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
+_failed: set[str] = set()  # kernels whose compilation or call failed once: the passes from then on
 _enabled = True
 
 
@@ -62,10 +64,10 @@ def _run(
 ) -> torch.Tensor:
     """``_FUNCTIONS[name](*args)`` from its compiled kernel where that applies (``x`` a CPU tensor, ``elements``
     values of work, default ``x.numel()``, at least ``MIN_FUSED_ELEMENTS``; eager; in gradient mode when
-    ``training``), else as it is."""
-    global _enabled
+    ``training``; the kernel has not failed before), else as it is."""
     if not (
         _enabled
+        and name not in _failed
         and type(x) is torch.Tensor
         and x.device.type == "cpu"
         and (x.numel() if elements is None else elements) >= MIN_FUSED_ELEMENTS
@@ -78,9 +80,11 @@ def _run(
         # eagerly (calibration runs the model under ``set_stance("force_eager")``).
         with torch.compiler.set_stance("default"):
             return _kernel(name)(*args)
-    except Exception as err:  # no C++ compiler, or inductor cannot build here: the passes give the same numbers
-        _enabled = False
-        log.warning("qat_lightning: fused fake quantization unavailable (%s); using vectorised passes.", err)
+    except Exception as err:  # no C++ compiler, inductor cannot build here, or past dynamo's recompile limit:
+        _failed.add(name)  # the passes give the same numbers; the other kernels are tried on their own
+        log.warning(
+            "qat_lightning: fused fake quantization unavailable for %s (%s); using vectorised passes.", name, err
+        )
         return _FUNCTIONS[name](*args)
 
 
@@ -105,6 +109,8 @@ def candidate_errors(
 ) -> torch.Tensor:
     """``error.candidate_errors`` (same arguments, the same errors up to float32 summation order), from the
     compiled kernel where it applies (``sample.numel()`` times the candidates per row, at least
-    ``MIN_FUSED_ELEMENTS``)."""
+    ``MIN_FUSED_ELEMENTS``). The kernel takes the grids as tensors (``error.grid_errors``): one kernel for every
+    bit width and zero point, where integer arguments would compile one per value."""
+    low, high = error.code_bounds(zero_point, qmin, qmax)
     elements = sample.numel() * scale.shape[-1]
-    return _run("errors", sample, (sample, scale, zero_point, qmin, qmax), training=False, elements=elements)
+    return _run("errors", sample, (sample, scale, low, high), training=False, elements=elements)

@@ -150,8 +150,10 @@ class MSEObserver(MinMaxObserver):
             positions = torch.randint(values.shape[1], (self.samples_per_batch,), generator=self._generator)
             values = values[:, positions.to(values.device)]
         values = values.float()
-        merged = values if self._sample is None else torch.cat([self._sample, values], dim=1)
-        self._sample = merged[:, -self.max_samples :]
+        merged = values.clone() if self._sample is None else torch.cat([self._sample, values], dim=1)
+        if merged.shape[1] > self.max_samples:
+            merged = merged[:, -self.max_samples :].clone()
+        self._sample = merged  # a tensor of its own, never a view of ``x`` (``_search_errors``)
         return x
 
     def reset_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
@@ -168,16 +170,31 @@ class MSEObserver(MinMaxObserver):
         scale, zp = choose_qparams(  # every candidate at once: (C, R)
             self.min_val.reshape(-1, 1) * ratios, self.max_val.reshape(-1, 1) * ratios, bits, symmetric
         )
-        # squared error of each candidate, a few candidates at a time (at most ~16 M values in flight unfused)
-        step = max(1, 2**24 // sample.numel())
-        chunks = range(0, len(self.ratios), step)
-        error = torch.cat(
-            [candidate_errors(sample, scale[:, i : i + step], zp[:, i : i + step], qmin, qmax) for i in chunks], dim=1
-        )
+        error = _search_errors(sample, scale, zp, qmin, qmax)
         best = torch.nan_to_num(error, nan=math.inf).argmin(dim=1, keepdim=True)  # the first of equal minima
         best_scale, best_zp = scale.gather(1, best).squeeze(1), zp.gather(1, best).squeeze(1)
         shape = self.min_val.shape
         return best_scale.reshape(shape), best_zp.reshape(shape)
+
+
+def _search_errors(
+    sample: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``fused.candidate_errors`` of the ``(C, n)`` sample on the ``(C, R)`` candidates, a few candidates at a time
+    (at most ~16 M values in flight unfused), as ``(C, R)`` errors.
+
+    Every chunk holds at least two candidates (``R >= 2``) and is passed as tensors of its own, not views: the
+    compiled kernel then meets one kind of call per granularity (per tensor or per channel) instead of a new one
+    for each chunk width of 1 or each view's layout, which on a torchvision ResNet-18 passed dynamo's
+    recompile limit during the first calibration.
+    """
+    candidates = scale.shape[1]
+    chunks = max(1, min(candidates // 2, -(-candidates * sample.numel() // 2**24)))
+    errors = [
+        candidate_errors(sample, s.clone(), z.clone(), qmin, qmax)
+        for s, z in zip(scale.tensor_split(chunks, dim=1), zero_point.tensor_split(chunks, dim=1), strict=True)
+    ]
+    return torch.cat(errors, dim=1)
 
 
 def build_observer(config: QuantizerConfig, num_channels: int = 1) -> Observer:
