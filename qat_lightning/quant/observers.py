@@ -181,17 +181,18 @@ def _search_errors(
     sample: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
     """``fused.candidate_errors`` of the ``(C, n)`` sample on the ``(C, R)`` candidates, a few candidates at a time
-    (at most ~16 M values in flight unfused), as ``(C, R)`` errors.
+    (at most ~16 M values in flight unfused, or two candidates' worth for a sample of more than 8 M values), as
+    ``(C, R)`` errors.
 
-    Every chunk holds at least two candidates (``R >= 2``) and is passed as tensors of its own, not views: the
+    Every chunk holds at least two candidates (``R >= 2``) and its scales are a tensor of their own, not a view: the
     compiled kernel then meets one kind of call per granularity (per tensor or per channel) instead of a new one
     for each chunk width of 1 or each view's layout, which on a torchvision ResNet-18 passed dynamo's
-    recompile limit during the first calibration.
+    recompile limit during the first calibration. (The zero points become new tensors in ``code_bounds``.)
     """
     candidates = scale.shape[1]
-    chunks = max(1, min(candidates // 2, -(-candidates * sample.numel() // 2**24)))
+    chunks = max(1, min(candidates // 2, math.ceil(candidates * sample.numel() / 2**24)))
     errors = [
-        candidate_errors(sample, s.clone(), z.clone(), qmin, qmax)
+        candidate_errors(sample, s.clone(), z, qmin, qmax)
         for s, z in zip(scale.tensor_split(chunks, dim=1), zero_point.tensor_split(chunks, dim=1), strict=True)
     ]
     return torch.cat(errors, dim=1)
