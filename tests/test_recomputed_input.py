@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn import apply_plan, find_input_producers, plan_quantization, share_input_quantizers
+from qat_lightning.nn.convolution_types import CONV_TYPES
 from qat_lightning.quant import FakeQuantizer, rounding, set_recompute
 
 
@@ -67,7 +68,7 @@ def _step(model: nn.Module, x: torch.Tensor, recompute: bool) -> tuple[torch.Ten
     def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nodes.add(type(out.grad_fn).__name__)
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, CONV_TYPES)]
     out = model(x)
     for hook in hooks:
         hook.remove()

@@ -21,6 +21,7 @@ from torch import nn
 
 from qat_lightning.convert.export import export_program
 from qat_lightning.convert.readout import InputGrid, IntegerModel, plain_fake_quantize
+from qat_lightning.nn.convolution_types import CONV_TRANSPOSE_TYPES
 from qat_lightning.nn.fake_quantized import conv_transpose
 from qat_lightning.quant.primitives import broadcast_along
 
@@ -105,7 +106,7 @@ def _integer_class(float_class: type[nn.Module]) -> type[nn.Module]:
     mixin: type[_IntegerWeightLayer] = _IntegerConv
     if issubclass(float_class, nn.Linear):
         mixin = _IntegerLinear
-    elif issubclass(float_class, nn.modules.conv._ConvTransposeNd):
+    elif issubclass(float_class, CONV_TRANSPOSE_TYPES):
         mixin = _IntegerConvTranspose
     return type(f"Integer{float_class.__name__}", (mixin, float_class), {"__module__": __name__})
 

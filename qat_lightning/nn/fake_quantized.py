@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from qat_lightning.nn import recomputed_input, transposed_padding
 from qat_lightning.nn.attention import multi_head_attention
+from qat_lightning.nn.convolution_types import CONV_TRANSPOSE_TYPES, ConvTranspose
 from qat_lightning.quant import FakeQuantizer, QuantizerConfig
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
@@ -50,7 +51,7 @@ def weight_channel_axis(module: nn.Module) -> int:
     A ConvTranspose weight is ``(in_channels, out_channels / groups, *kernel)``: with ``groups > 1`` one slice
     along axis 1 holds the ``groups`` output channels of the same index in each group.
     """
-    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    return 1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0
 
 
 _SEPARATE_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")  # attention with kdim/vdim
@@ -66,7 +67,8 @@ def _quantizer_names(module: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...
     ``_quantizer``). An attention module's ``out_proj`` has its own."""
     if not isinstance(module, nn.MultiheadAttention):
         return ("weight",), ("input",)
-    return ("in_proj_weight",) if module._qkv_same_embed_dim else _SEPARATE_PROJECTIONS, _ATTENTION_INPUTS
+    packed = module.in_proj_weight is not None  # one (3 * embed_dim, embed_dim) weight unless kdim/vdim differ
+    return ("in_proj_weight",) if packed else _SEPARATE_PROJECTIONS, _ATTENTION_INPUTS
 
 
 class FakeQuantizedModule(nn.Module):
@@ -130,7 +132,7 @@ class _FakeQuantizedLinear(FakeQuantizedLayer):
 
 
 def conv_transpose(
-    layer: nn.modules.conv._ConvTransposeNd,
+    layer: ConvTranspose,
     input: torch.Tensor,
     weight: torch.Tensor,
     output_size: list[int] | None = None,
@@ -274,7 +276,7 @@ def _fake_quantized_class(float_class: type[nn.Module]) -> type[FakeQuantizedMod
         mixin = FakeQuantizedMultiheadAttention
     elif issubclass(float_class, nn.Linear):
         mixin = _FakeQuantizedLinear
-    elif issubclass(float_class, nn.modules.conv._ConvTransposeNd):
+    elif issubclass(float_class, CONV_TRANSPOSE_TYPES):
         mixin = _FakeQuantizedConvTranspose
     else:
         mixin = _FakeQuantizedConv

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qat_lightning.nn import transposed_padding
+from qat_lightning.nn.convolution_types import CONV_TRANSPOSE_TYPES, Convolution
 from qat_lightning.quant import FakeQuantizer
 from qat_lightning.quant.rounding import Rounding
 
@@ -77,7 +78,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
 
 
 def convolution(
-    layer: nn.modules.conv._ConvNd,
+    layer: Convolution,
     input: torch.Tensor,
     weight: torch.Tensor,
     output_size: list[int] | None = None,
@@ -97,7 +98,7 @@ def convolution(
     rounding = _rounding(layer, input)
     if rounding is None:
         return None
-    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    transposed = isinstance(layer, CONV_TRANSPOSE_TYPES)
     spatial = len(layer.kernel_size)
     output_padding = [0] * spatial
     if transposed:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from qat_lightning.nn.convolution_types import ConvTranspose
 
 
-def output_padding(
-    layer: nn.modules.conv._ConvTransposeNd, input_shape: Sequence[int], output_size: Sequence[int] | None
-) -> list[int]:
+def output_padding(layer: ConvTranspose, input_shape: Sequence[int], output_size: Sequence[int] | None) -> list[int]:
     """The ``output_padding`` per spatial dimension for which ``layer`` maps ``input_shape`` to ``output_size``.
 
     Args:

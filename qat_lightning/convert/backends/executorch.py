@@ -53,6 +53,7 @@ from qat_lightning.convert.reference import (
     reference_module,
     with_float_weights,
 )
+from qat_lightning.nn.convolution_types import CONV_TRANSPOSE_TYPES
 
 NAME = "executorch"
 FILE_NAME = "{name}_int8.pte"
@@ -203,7 +204,7 @@ def _reference_module(source: ReferenceSource) -> nn.Module:
     integer = source.folded()
     module = reference_module(integer, torch.int8)
     for layer in module.modules():
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd) and hasattr(layer, "input_grid"):
+        if isinstance(layer, CONV_TRANSPOSE_TYPES) and hasattr(layer, "input_grid"):
             layer.input_grid.plain_aten = True
     for name, grid in integer.output_grids.items():  # XNNPACK's int8 add and pooling need int8 outputs
         module.get_submodule(name).round_output_with(_RoundingWithoutRound(grid))
@@ -231,6 +232,17 @@ class _RoundingWithoutRound(nn.Module):
         return ((y + self.MAGIC) - self.MAGIC) * g.scale
 
 
+def signal_padding(conv: nn.Conv1d) -> tuple[int, int]:
+    """``(left, right)``: the elements ``conv`` pads its signal with on each side, as its own forward pads it (a
+    number or ``"valid"``: the same on both sides; ``"same"``: ``dilation * (kernel_size - 1)`` in all, the odd one
+    on the right)."""
+    if conv.padding == "same":
+        total = conv.dilation[0] * (conv.kernel_size[0] - 1)
+        return total // 2, total - total // 2
+    pad = 0 if conv.padding == "valid" else conv.padding[0]
+    return pad, pad
+
+
 class _Conv1dAs2d(nn.Module):
     """Mixin for a float-kernel ``Conv1d`` of the lowering module: the same convolution written as a 2-D one over a
     trailing axis of size 1, its weight stored 4-D (``float_weight``, ``(C_out, C_in / groups, K, 1)``).
@@ -244,7 +256,7 @@ class _Conv1dAs2d(nn.Module):
         conv: nn.Conv1d = self  # type: ignore[assignment]
         padding: str | tuple[int, ...] = conv.padding if isinstance(conv.padding, str) else (*conv.padding, 0)
         if conv.padding_mode != "zeros":
-            input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            input = F.pad(input, signal_padding(conv), mode=conv.padding_mode)
             padding = (0, 0)
         stride, dilation = (*conv.stride, 1), (*conv.dilation, 1)
         return F.conv2d(input.unsqueeze(-1), weight, bias, stride, padding, dilation, conv.groups).squeeze(-1)

@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from qat_lightning.convert.export import export_program
 from qat_lightning.convert.fidelity import relative_error
 from qat_lightning.convert.reference import ReferenceSource, reference_module, with_float_weights
+from qat_lightning.nn.convolution_types import CONV_TRANSPOSE_TYPES, CONV_TYPES
 
 NAME = "x86"
 FILE_NAME = "{name}_x86.pt2"
 LOAD_HINT = "torch._inductor.aoti_load_package('{path}')"  # how a user runs the file, shown at fit end
 TESTED_TORCH = ((2, 6), (2, 14))  # oldest and newest (major, minor) checked
 MAX_RELATIVE_ERROR = 0.01  # of the package's output against the program's on the example inputs
-_FLOAT_KERNEL_TYPES = (_ConvTransposeNd, nn.Conv1d)  # see _program
+_FLOAT_KERNEL_TYPES = (*CONV_TRANSPOSE_TYPES, nn.Conv1d)  # see _program
 
 
 def _torch_version() -> tuple[int, int]:
@@ -71,7 +71,7 @@ def write(source: ReferenceSource, path: Path) -> None:
 def mismatch_cause(source: ReferenceSource) -> str:
     """The likely reason why oneDNN's package of ``source`` computes something else than its program."""
     modules = source.integer.model.modules()
-    if any(isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == 1 for m in modules):
+    if any(isinstance(m, CONV_TYPES) and m.in_channels == 1 for m in modules):
         return (
             "oneDNN's fused int8 kernels are known to go wrong for convolutions with a single input channel "
             "(grayscale images)"
