@@ -156,11 +156,20 @@ def inference_copy(model: nn.Module) -> nn.Module:
     }
     reference = copy.deepcopy(model, memo=derived)
     for module in reference.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, prune.BasePruningMethod):
-                hook.remove(module)
-                del module._forward_pre_hooks[key]
+        for name in _pruned_tensors(module):
+            prune.remove(module, name)
     return reference.cpu().eval()
+
+
+def _pruned_tensors(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own tensors that ``torch.nn.utils.prune`` reparametrizes: each is held as the
+    parameter ``<name>_orig`` and the buffer ``<name>_mask``."""
+    parameters = dict(module.named_parameters(recurse=False))
+    return [
+        name.removesuffix("_mask")
+        for name, _ in module.named_buffers(recurse=False)
+        if name.endswith("_mask") and name.removesuffix("_mask") + "_orig" in parameters
+    ]
 
 
 def _check_model(model: nn.Module, example_inputs: Inputs) -> None:
