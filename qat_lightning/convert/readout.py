@@ -237,7 +237,8 @@ def integer_model(model: nn.Module) -> IntegerModel:
     # Output roundings (``output_rounding``: no layer reads them) go to the int8 runtimes as quantized tensors.
     output_grids = {n: InputGrid.of(q) for n, q in output_roundings(copy_).items() if q.calibrated}
     output_grids = {n: grid for n, grid in output_grids.items() if grid.bits <= INTEGER_MAX_BITS}
-    copy_._modules.pop(OUTPUT_QUANTIZERS, None)  # their grids are applied below, like the shared input grids
+    if OUTPUT_QUANTIZERS in dict(copy_.named_children()):  # their grids are applied below, like the shared inputs'
+        delattr(copy_, OUTPUT_QUANTIZERS)
     for producer in rounded_producers(copy_).values():  # shared input grids, applied where the input is made
         q = producer.output_quantizer
         producer.round_output_with(FrozenInputGrid(InputGrid.of(q)) if q.calibrated else nn.Identity())

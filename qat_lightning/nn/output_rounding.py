@@ -129,7 +129,7 @@ def round_outputs(model: nn.Module, names: Iterable[str], config: QuantizerConfi
     """
     config = config or activation_config(ROUNDING_BITS)
     names = list(names)
-    if names and CONTAINER not in model._modules:
+    if names and _container(model) is None:
         model.add_module(CONTAINER, nn.ModuleDict())
     for name in names:
         module = model.get_submodule(name)
@@ -142,9 +142,14 @@ def round_outputs(model: nn.Module, names: Iterable[str], config: QuantizerConfi
     return names
 
 
+def _container(model: nn.Module) -> nn.ModuleDict | None:
+    """``model``'s child ``output_quantizers`` (``round_outputs`` adds it), or ``None``."""
+    return dict(model.named_children()).get(CONTAINER)  # type: ignore[return-value]
+
+
 def output_roundings(model: nn.Module) -> dict[str, FakeQuantizer]:
     """``{module name: quantizer}`` of the output roundings ``round_outputs`` gave ``model``."""
-    container = model._modules.get(CONTAINER)
+    container = _container(model)
     return {} if container is None else {q.producer: q for q in container.values()}  # type: ignore[misc]
 
 
@@ -154,7 +159,8 @@ def remove_output_roundings(model: nn.Module) -> None:
         module = model.get_submodule(name)
         del module.__dict__["output_quantizer"]
         _set_class(module, module.float_class)  # type: ignore[attr-defined]
-    model._modules.pop(CONTAINER, None)
+    if _container(model) is not None:
+        delattr(model, CONTAINER)
 
 
 def output_roundings_in_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, QuantizerConfig]:
