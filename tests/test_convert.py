@@ -218,6 +218,37 @@ def test_a_layer_the_backend_cannot_run_stays_float_and_the_file_runs(tmp_path) 
             torch.testing.assert_close(run(tmp_path / name)(x), model(x), rtol=0, atol=1e-4)
 
 
+def test_a_file_that_predicts_other_classes_is_reported_with_a_warning(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    apply_plan(model, plan_quantization(model, 8))
+    _calibrated(model)
+    batches = [((torch.randn(16, 1, 8, 8),), None) for _ in range(2)]
+    onnx = backend("onnx")
+    load = onnx.load
+
+    def rolled(path):  # a runtime that shifts every logit to the next class: the file's classes are wrong
+        run = load(path)
+        return lambda *inputs: run(*inputs).roll(1, dims=1)
+
+    monkeypatch.setattr(onnx, "load", rolled)
+    with pytest.warns(UserWarning, match=r"the 'onnx' file predicts the fake-quant model's class on [0-9.]+% of 32"):
+        result = convert_model(model, batches[0][0], tmp_path, formats=("onnx", "pt2"), check_batches=batches)
+
+    assert result.fidelity["onnx"].agreement < 0.99 and result.fidelity["pt2"].agreement == 1.0
+    messages = [str(w.message) for w in _warnings_of(convert_model, model, batches, tmp_path / "again", ("pt2",))]
+    assert not any("predicts the fake-quant model's class" in m for m in messages)
+
+
+def _warnings_of(convert, model, batches, path, formats):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model, batches[0][0], path, formats=formats, check_batches=batches)
+    return caught
+
+
 def test_convert_model_rejects_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="has no fake-quantized layer"):
         convert_model(SmallCNN(), (torch.randn(2, 1, 8, 8),), tmp_path)

@@ -35,7 +35,7 @@ from torch.nn.utils import prune
 
 from qat_lightning.convert.backends import DEFAULT_FORMATS, backend, check_formats
 from qat_lightning.convert.export import ExportError
-from qat_lightning.convert.fidelity import Fidelity, FidelityMeter, as_logits
+from qat_lightning.convert.fidelity import Fidelity, FidelityMeter, as_logits, disagreement_warning
 from qat_lightning.convert.packing import write_packed_weights
 from qat_lightning.convert.readout import integer_model
 from qat_lightning.convert.reference import ReferenceSource
@@ -267,6 +267,9 @@ def convert_model(
             result.paths["packed"] = path
         batches = check_batches if check_batches is not None else [(example_inputs, None)]
         result.fidelity = measure_fidelity(reference, runners, batches)
+        for fmt, fidelity in result.fidelity.items():
+            if (warning := disagreement_warning(fmt, fidelity)) is not None:
+                rank_zero_warn(warning)
         result.sizes = {path: files.size(path) for path in result.paths.values()}
         report_path = output_dir / REPORT_NAME
         result.paths["report"] = report_path

@@ -32,6 +32,25 @@ class Fidelity:
         return asdict(self)
 
 
+MIN_AGREEMENT = 0.99
+"""Below this arg-max agreement with the fake-quant model a converted file is reported with a warning."""
+
+
+def disagreement_warning(fmt: str, fidelity: Fidelity) -> str | None:
+    """The warning for a ``fmt`` file whose arg-max agreement is below ``MIN_AGREEMENT`` (``None`` otherwise, and
+    for outputs without classes, whose agreement is ``nan``)."""
+    if not fidelity.agreement < MIN_AGREEMENT:
+        return None
+    return (
+        f"int8 conversion: the {fmt!r} file predicts the fake-quant model's class on {fidelity.agreement:.1%} of "
+        f"{fidelity.samples} check samples only (relative logit error {fidelity.relative_error:.3f}). Its runtime "
+        "computes the float parts with its own kernels, so a value at a grid boundary can round the other way, and "
+        "a model that amplifies such flips (one barely trained, or with BatchNorm statistics of a few batches) then "
+        "predicts differently. Check it on more validation batches (`agreement_batches`) before shipping it; the "
+        "'pt2' file computes what the model computes, operation for operation."
+    )
+
+
 def as_logits(output: Any) -> torch.Tensor:
     """The ``(N, classes)`` tensor of a model output: the output itself, or the first tensor of a tuple/list."""
     if isinstance(output, torch.Tensor):
