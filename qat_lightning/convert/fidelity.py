@@ -46,8 +46,9 @@ def disagreement_warning(fmt: str, fidelity: Fidelity) -> str | None:
         f"{fidelity.samples} check samples only (relative logit error {fidelity.relative_error:.3f}). Its runtime "
         "computes the float parts with its own kernels, so a value at a grid boundary can round the other way, and "
         "a model that amplifies such flips (one barely trained, or with BatchNorm statistics of a few batches) then "
-        "predicts differently. Check it on more validation batches (`agreement_batches`) before shipping it; the "
-        "'pt2' file computes what the model computes, operation for operation."
+        "predicts differently (a model that draws random numbers in eval mode differs anyway). Check it on more "
+        "validation batches (`agreement_batches`) before shipping it; the 'pt2' file computes what the model "
+        "computes, operation for operation."
     )
 
 
