@@ -35,8 +35,7 @@ from qat_lightning.nn import (
     weight_channel_axis,
 )
 from qat_lightning.nn.input_sharing import rounded_producers
-from qat_lightning.nn.output_rounding import CONTAINER as OUTPUT_QUANTIZERS
-from qat_lightning.nn.output_rounding import output_roundings
+from qat_lightning.nn.output_rounding import drop_output_quantizers, output_roundings
 from qat_lightning.quant import FakeQuantizer, quant_range
 from qat_lightning.quant.primitives import EPS, broadcast_along
 
@@ -237,8 +236,7 @@ def integer_model(model: nn.Module) -> IntegerModel:
     # Output roundings (``output_rounding``: no layer reads them) go to the int8 runtimes as quantized tensors.
     output_grids = {n: InputGrid.of(q) for n, q in output_roundings(copy_).items() if q.calibrated}
     output_grids = {n: grid for n, grid in output_grids.items() if grid.bits <= INTEGER_MAX_BITS}
-    if OUTPUT_QUANTIZERS in dict(copy_.named_children()):  # their grids are applied below, like the shared inputs'
-        delattr(copy_, OUTPUT_QUANTIZERS)
+    drop_output_quantizers(copy_)  # their grids are applied below, like the shared input grids
     for producer in rounded_producers(copy_).values():  # shared input grids, applied where the input is made
         q = producer.output_quantizer
         producer.round_output_with(FrozenInputGrid(InputGrid.of(q)) if q.calibrated else nn.Identity())

@@ -159,6 +159,12 @@ def remove_output_roundings(model: nn.Module) -> None:
         module = model.get_submodule(name)
         del module.__dict__["output_quantizer"]
         _set_class(module, module.float_class)  # type: ignore[attr-defined]
+    drop_output_quantizers(model)
+
+
+def drop_output_quantizers(model: nn.Module) -> None:
+    """Remove ``model.output_quantizers`` (if ``round_outputs`` added it); the modules keep their rounding classes
+    and the quantizers they apply."""
     if _container(model) is not None:
         delattr(model, CONTAINER)
 
